@@ -1,0 +1,47 @@
+"""The `gateway` command: serve (the drop-in helper), check (dry-run a policy), audit (review the
+trail), demo (a newcomer's first run). Each subcommand's module is imported only when it runs, so that
+`serve` never loads the view-only libraries."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+COMMANDS = {
+    "serve": "serve a guest's 9p proxy requests (virtfs-proxy-helper's options)",
+    "demo": "a scripted guest session against a real gateway, then its summary",
+}
+
+
+def _usage() -> str:
+    lines = ["usage: gateway COMMAND [options]", "", "commands:"]
+    lines += [f"  {name:<8} {text}" for name, text in COMMANDS.items()]
+    lines += ["", "`gateway COMMAND --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
+    if command == "serve":
+        from gateway import serve
+
+        return serve.run(rest)
+    if command == "demo":
+        from gateway import demo
+
+        parser = argparse.ArgumentParser(prog="gateway demo", description=COMMANDS["demo"])
+        demo.add_arguments(parser)
+        return demo.run(parser.parse_args(rest))
+    print(f"gateway: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+    return 2
+
+
+def proxy_helper_main() -> int:
+    """`gateway-proxy-helper`: the serve command under a name a virtfs-proxy-helper wrapper can exec."""
+    from gateway import serve
+
+    return serve.run(sys.argv[1:], prog="gateway-proxy-helper")

@@ -1,0 +1,211 @@
+"""`gateway serve`: the start-up of the drop-in helper, in the reference's order.
+
+Parse options (same meaning as virtfs-proxy-helper's), check the export is a directory, daemonise unless
+-n (logs then go to syslog), create the named socket if asked and accept one client, open the export's
+root fd and /proc/self/fd, chroot into the export, umask 0, drop capabilities, then serve until the
+client goes away.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import logging.handlers
+import os
+import socket
+import stat
+import sys
+
+from gateway.executor import Executor, getversion_supported
+from gateway.sandbox import SandboxState, drop_capabilities, enter_export
+from gateway.server import Server
+
+log = logging.getLogger("gateway")
+
+USAGE = """usage: {prog}
+ -p|--path <path> 9p path to export
+ {{-f|--fd <socket-descriptor>}} socket file descriptor to be used
+ {{-s|--socket <socketname> socket file used for communication
+ \t-u|--uid <uid> -g|--gid <gid>}} - uid:gid combination to give  access to this socket
+ \tNote: -s & -f can not be used together
+ [-n|--nodaemon] Run as a normal program
+ [--policy FILE] policy to enforce   [--audit-log FILE] where the audit trail goes
+"""
+
+
+class UsageError(Exception):
+    """A usage error, reported as the reference reports it; `status` is its exit status."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
+
+
+def _atoi(text: str) -> int:
+    """C atoi: leading digits, else 0 (the reference's -f/-u/-g parsing)."""
+    text = text.strip()
+    sign = -1 if text.startswith("-") else 1
+    digits = ""
+    for ch in text.lstrip("+-"):
+        if not ch.isdigit():
+            break
+        digits += ch
+    return sign * int(digits) if digits else 0
+
+
+def build_parser(prog: str = "gateway serve") -> argparse.ArgumentParser:
+    parser = _Parser(prog=prog, add_help=False, usage=argparse.SUPPRESS)
+    parser.add_argument("-p", "--path", dest="path")
+    parser.add_argument("-f", "--fd", dest="fd", type=_atoi, default=-1)
+    parser.add_argument("-s", "--socket", dest="socket")
+    parser.add_argument("-u", "--uid", dest="uid", type=_atoi, default=-1)
+    parser.add_argument("-g", "--gid", dest="gid", type=_atoi, default=-1)
+    parser.add_argument("-n", "--nodaemon", dest="nodaemon", action="store_true")
+    parser.add_argument("-h", "-?", "--help", dest="help", action="store_true")
+    parser.add_argument("--policy", dest="policy")
+    parser.add_argument("--audit-log", dest="audit_log")
+    return parser
+
+
+def parse_options(argv: list[str], prog: str) -> argparse.Namespace:
+    """The reference's validation, message for message."""
+    opts = build_parser(prog).parse_args(argv)
+    if opts.help:
+        raise UsageError("")
+    if (opts.socket is None and opts.fd == -1) or opts.path is None:
+        raise UsageError("socket, socket descriptor or path not specified", status=255)
+    if opts.socket is not None and opts.fd != -1:
+        raise UsageError("both named socket and socket descriptor specified")
+    if opts.socket is not None and (opts.uid == -1 or opts.gid == -1):
+        raise UsageError(
+            "owner uid:gid not specified, owner uid:gid specifies who can access the socket file"
+        )
+    return opts
+
+
+def check_export(path: str) -> None:
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        raise UsageError(f'invalid path "{path}" specified, {exc.strerror}') from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f'specified path "{path}" is not directory')
+
+
+def setup_logging(foreground: bool) -> None:
+    root = logging.getLogger("gateway")
+    root.setLevel(logging.INFO)
+    root.handlers.clear()
+    if foreground:
+        handler: logging.Handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("gateway[%(process)d]: %(message)s"))
+    else:
+        try:
+            handler = logging.handlers.SysLogHandler(
+                address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON
+            )
+            handler.setFormatter(logging.Formatter("gateway[%(process)d]: %(message)s"))
+        except OSError:
+            handler = logging.NullHandler()
+    root.addHandler(handler)
+
+
+def daemonize() -> None:
+    """daemon(0, 0): detach from the terminal and session, cwd /, stdio to /dev/null."""
+    if os.fork() > 0:
+        os._exit(0)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    os.chdir("/")
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    if null > 2:
+        os.close(null)
+
+
+class SocketExists(Exception):
+    pass
+
+
+def listen_and_accept(path: str, uid: int, gid: int) -> socket.socket:
+    """The reference's proxy_socket(): refuse an existing path, bind with umask 007, chown to uid:gid,
+    listen with backlog 1, accept ONE client and close the listener (the file is left behind)."""
+    if os.path.lexists(path):
+        raise SocketExists("socket already exists")
+    if len(os.fsencode(path)) >= 108:
+        raise OSError(f"UNIX domain socket path exceeds {108} characters")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        old = os.umask(0o007)
+        try:
+            listener.bind(path)
+        finally:
+            os.umask(old)
+        os.chown(path, uid, gid)
+        listener.listen(1)
+        client, _ = listener.accept()
+    finally:
+        listener.close()
+    return client
+
+
+def inherited_socket(fd: int) -> socket.socket:
+    try:
+        return socket.socket(fileno=fd)
+    except OSError as exc:
+        raise OSError(f"socket descriptor {fd} is not usable: {exc.strerror}") from None
+
+
+def run(argv: list[str], prog: str = "gateway serve") -> int:
+    try:
+        opts = parse_options(argv, prog)
+        check_export(opts.path)
+    except UsageError as exc:
+        if str(exc):
+            print(str(exc), file=sys.stderr)
+        print(USAGE.format(prog=prog), end="", file=sys.stderr)
+        return exc.status
+    if opts.policy is not None and not os.path.isfile(opts.policy):
+        print(f"policy file {opts.policy!r} not found", file=sys.stderr)
+        return 1
+
+    if not opts.nodaemon:
+        daemonize()
+    setup_logging(foreground=opts.nodaemon)
+    log.info("Started")
+    try:
+        sock = (
+            listen_and_accept(opts.socket, opts.uid, opts.gid)
+            if opts.socket is not None
+            else inherited_socket(opts.fd)
+        )
+    except SocketExists as exc:
+        log.critical("%s", exc)  # the reference exits with status 0 here
+        return 0
+    except OSError as exc:
+        log.critical("%s", exc)
+        return 1
+
+    export = os.path.abspath(opts.path)
+    root_fd = os.open(export, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    proc_fd = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    state = SandboxState()
+    try:
+        enter_export(export, state)
+        os.umask(0)
+        drop_capabilities(state)
+    except OSError as exc:
+        log.critical("confinement failed: %s", exc)
+        return 1
+    log.info("serving %s (%s)", export, state.as_dict())
+    executor = Executor(root_fd, proc_fd, getversion_supported=getversion_supported(root_fd))
+    stats = Server(sock, executor).serve()
+    log.info("Done: %s after %d requests", stats.end, stats.requests)
+    return 0
