@@ -36,14 +36,15 @@ USAGE = """usage: {prog}
 class UsageError(Exception):
     """A usage error, reported as the reference reports it; `status` is its exit status."""
 
-    def __init__(self, message: str, status: int = 1) -> None:
+    def __init__(self, message: str, status: int = 1, *, show_usage: bool = True) -> None:
         super().__init__(message)
         self.status = status
+        self.show_usage = show_usage
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(message)
+        raise UsageError(f"{self.prog}: {message}")
 
 
 def _atoi(text: str) -> int:
@@ -92,9 +93,9 @@ def check_export(path: str) -> None:
     try:
         st = os.lstat(path)
     except OSError as exc:
-        raise UsageError(f'invalid path "{path}" specified, {exc.strerror}') from None
+        raise UsageError(f'invalid path "{path}" specified, {exc.strerror}', show_usage=False) from None
     if not stat.S_ISDIR(st.st_mode):
-        raise UsageError(f'specified path "{path}" is not directory')
+        raise UsageError(f'specified path "{path}" is not directory', show_usage=False)
 
 
 def setup_logging(foreground: bool) -> None:
@@ -170,7 +171,8 @@ def run(argv: list[str], prog: str = "gateway serve") -> int:
     except UsageError as exc:
         if str(exc):
             print(str(exc), file=sys.stderr)
-        print(USAGE.format(prog=prog), end="", file=sys.stderr)
+        if exc.show_usage:
+            print(USAGE.format(prog=prog), end="", file=sys.stderr)
         return exc.status
     if opts.policy is not None and not os.path.isfile(opts.policy):
         print(f"policy file {opts.policy!r} not found", file=sys.stderr)

@@ -1,0 +1,93 @@
+"""Starting real helper processes (the gateway or the reference) for tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.client import Client
+
+REFERENCE = "/usr/lib/qemu/virtfs-proxy-helper"
+GATEWAY = [sys.executable, "-m", "gateway", "serve"]
+
+
+def require_root() -> None:
+    # CI runs as root; a missing prerequisite there is a failure, not a skip.
+    assert os.geteuid() == 0, "this test needs root (CI runs as root): run it with sudo"
+
+
+def require_reference() -> None:
+    assert os.access(REFERENCE, os.X_OK), (
+        f"{REFERENCE} is missing: apt-get install qemu-system-common (scripts/setup.sh does)"
+    )
+
+
+@dataclass
+class Running:
+    proc: subprocess.Popen[bytes]
+    client: Client
+
+    def stop(self, timeout: float = 5) -> int:
+        self.client.close()
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+
+@contextmanager
+def over_socketpair(
+    cmd: list[str], export: Path, extra: list[str] | None = None, timeout: float = 10
+) -> Iterator[Running]:
+    ours, theirs = socket.socketpair()
+    ours.settimeout(timeout)
+    proc = subprocess.Popen(
+        [*cmd, "-p", str(export), "-f", str(theirs.fileno()), "-n", *(extra or [])],
+        pass_fds=[theirs.fileno()],
+        stderr=subprocess.PIPE,
+    )
+    theirs.close()
+    running = Running(proc, Client(ours))
+    try:
+        yield running
+    finally:
+        running.client.close()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+
+
+def wait_listening(path: str, timeout: float = 10) -> None:
+    """Wait until a unix socket at path is listening, without connecting (the helper accepts one)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open("/proc/net/unix") as f:
+            for line in f:
+                fields = line.split()
+                # Flags 00010000 = __SO_ACCEPTCON: a listening socket.
+                if len(fields) >= 8 and fields[-1] == path and fields[3] == "00010000":
+                    return
+        time.sleep(0.02)
+    raise TimeoutError(f"nothing listens on {path}")
+
+
+def status_of(pid: int) -> dict[str, str]:
+    out: dict[str, str] = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            out[key] = value.strip()
+    return out
