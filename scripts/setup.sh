@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Install what gateway needs on a fresh Debian 12 machine, as root: Debian packages, a virtualenv in
+# .venv with the project and its test tools, and (with --full) what the tests need besides: the
+# reference helper (qemu-system-common), QEMU, busybox-static, gcc and the guest kernel.
+# Idempotent: a second run installs nothing new.
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cd "$repo"
+full=0
+[ "${1:-}" = "--full" ] && full=1
+
+say() { echo "setup: $*"; }
+[ "$(id -u)" = 0 ] || { echo "setup: run as root (the gateway chroots and keeps capabilities)" >&2; exit 1; }
+
+# Debian packages. libcap-dev and gcc build python-prctl; libseccomp2 is what pyseccomp loads.
+pkgs=(libcap-dev libseccomp2 gcc python3-venv python3-dev)
+if [ "$full" = 1 ]; then
+    pkgs+=(qemu-system-common qemu-system-x86 busybox-static libc6-dev attr)
+fi
+missing=()
+for p in "${pkgs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    say "apt-get install ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# The virtualenv, with the project installed editable and the test tools.
+python=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    say "creating .venv with $($python --version)"
+    "$python" -m venv .venv
+fi
+if ! .venv/bin/python -c "import gateway, prctl, seccomp, cerberus, rich, ruamel.yaml, pytest" 2>/dev/null \
+    || [ pyproject.toml -nt .venv/.installed ]; then
+    say "installing the project into .venv"
+    .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+    touch .venv/.installed
+fi
+
+if [ "$full" = 1 ]; then
+    [ -x /usr/lib/qemu/virtfs-proxy-helper ] || { echo "setup: the reference helper is missing" >&2; exit 1; }
+    scripts/fetch-guest-kernel.sh
+fi
+say "ready"
