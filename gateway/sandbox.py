@@ -8,7 +8,6 @@ The seccomp filter, no_new_privs, Landlock and rlimits are the sandbox issue's; 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import os
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ KEPT_CAPABILITIES: dict[str, int] = {
 _PR_CAPBSET_DROP = 24
 _PR_CAP_AMBIENT = 47
 _PR_CAP_AMBIENT_CLEAR_ALL = 4
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)  # not find_library: it forks ldconfig and gcc
 
 
 @dataclass

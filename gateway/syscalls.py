@@ -4,10 +4,9 @@ setfsuid/setfsgid. Thin ctypes wrappers that raise OSError like the os module do
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)  # not find_library: it forks ldconfig and gcc
 
 SYS_OPENAT2 = 437  # x86-64 and every other architecture that came after the unified syscall table
 RESOLVE_NO_XDEV = 0x01

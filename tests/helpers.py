@@ -15,7 +15,8 @@ from pathlib import Path
 from gateway.client import Client
 
 REFERENCE = "/usr/lib/qemu/virtfs-proxy-helper"
-GATEWAY = [sys.executable, "-m", "gateway", "serve"]
+# GATEWAY_CMD overrides how the gateway is started (e.g. under strace to list the syscalls it makes).
+GATEWAY = os.environ.get("GATEWAY_CMD", "").split() or [sys.executable, "-m", "gateway", "serve"]
 
 
 def require_root() -> None:

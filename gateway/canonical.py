@@ -1,0 +1,75 @@
+"""The path a request will really touch, for the rules to decide on.
+
+A policy that says `/home/alice/**` must not be fooled by `/home/alice/link/x` where `link -> /etc`: the
+rules see the path with every directory symlink resolved beneath the export (and the final one too for
+the requests that follow it), exactly as the executor will resolve it. QEMU sends one request at a time,
+so the guest cannot swap a symlink between this resolution and the executor's.
+"""
+
+from __future__ import annotations
+
+import os
+
+from gateway import syscalls as sc
+
+_O_PATH = os.O_PATH | os.O_CLOEXEC
+_O_PARENT = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+def lexical(path: bytes) -> bytes:
+    """Normalise without looking at the file system: collapse '//' and '.', clamp '..' at the root."""
+    parts: list[bytes] = []
+    for part in path.split(b"/"):
+        if part in (b"", b"."):
+            continue
+        if part == b"..":
+            if parts:
+                parts.pop()
+            continue
+        parts.append(part)
+    return b"/" + b"/".join(parts)
+
+
+class Canonicalizer:
+    def __init__(self, root_fd: int, proc_fd: int) -> None:
+        self.root_fd = root_fd
+        self.proc_fd = proc_fd
+        # What /proc reports for the root: "/" once chrooted, the export's host path otherwise.
+        self.prefix = os.readlink(b"%d" % root_fd, dir_fd=proc_fd).rstrip(b"/")
+
+    def _real(self, fd: int) -> bytes:
+        real = os.readlink(b"%d" % fd, dir_fd=self.proc_fd)
+        if self.prefix and real.startswith(self.prefix):
+            real = real[len(self.prefix) :]
+        return real or b"/"
+
+    def _resolved(self, path: bytes, flags: int) -> bytes | None:
+        try:
+            fd = sc.openat2(self.root_fd, path, flags)
+        except OSError:
+            return None
+        try:
+            return self._real(fd)
+        finally:
+            os.close(fd)
+
+    def path(self, path: bytes, *, follow: bool) -> bytes:
+        """The canonical path inside the export that `path` names (follow: resolve a final symlink)."""
+        if not path:
+            return b""
+        if follow:
+            real = self._resolved(path, _O_PATH)
+            if real is not None:
+                return real
+        stripped = path.rstrip(b"/")
+        slash = stripped.rfind(b"/")
+        name = stripped[slash + 1 :]
+        parent = stripped[: slash + 1]
+        if not stripped or name in (b".", b".."):
+            return self._resolved(path, _O_PARENT) or lexical(path)
+        if not parent.strip(b"/"):
+            return b"/" + name
+        real_parent = self._resolved(parent, _O_PARENT)
+        if real_parent is None:  # the request will fail to resolve too; decide on the lexical form
+            return lexical(path)
+        return real_parent.rstrip(b"/") + b"/" + name
