@@ -1,8 +1,15 @@
 """Everything that makes the serving process small before it serves, kept apart from the file-system
-code (the model is virtiofsd's sandbox.rs): chroot into the export, then keep only the seven capabilities
-the reference helper keeps, in every set that matters, with python-prctl.
+code (the model is virtiofsd's sandbox.rs). The order matters, and each step is recorded:
 
-The seccomp filter, no_new_privs, Landlock and rlimits are the sandbox issue's; they will be added here.
+1. the caller has opened everything it will need (export root fd, /proc/self/fd, audit log and its
+   directory, the policy's directory, the syslog socket): nothing is opened by path afterwards;
+2. chroot into the export and chdir there (as root);
+3. keep only the seven capabilities the reference helper keeps (effective, permitted, bounding;
+   nothing inheritable or ambient), with SECBIT_NO_SETUID_FIXUP so setfsuid never changes them;
+4. no_new_privs;
+5. Landlock where the kernel has it (the ABI probed; degrade gracefully);
+6. rlimits: no core dumps, a bounded number of open files, no new processes;
+7. last, the seccomp allowlist (gateway/seccomp_filter.py), default action kill.
 """
 
 from __future__ import annotations
@@ -10,9 +17,12 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import resource
 from dataclasses import dataclass, field
 
 import prctl
+
+from gateway import landlock, seccomp_filter
 
 log = logging.getLogger("gateway.sandbox")
 
@@ -35,11 +45,16 @@ _libc = ctypes.CDLL("libc.so.6", use_errno=True)  # not find_library: it forks l
 
 @dataclass
 class SandboxState:
-    """What confinement was applied: logged at start and, later, recorded in the audit trail."""
+    """What confinement was applied: logged at start and recorded in the audit trail's start record."""
 
     chroot: str | None = None
     capabilities: list[str] = field(default_factory=list)
     securebits: list[str] = field(default_factory=list)
+    no_new_privs: bool = False
+    landlock_abi: int = 0
+    landlock_paths: list[str] = field(default_factory=list)
+    rlimits: dict[str, int] = field(default_factory=dict)
+    seccomp: str = "none"
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, object]:
@@ -47,8 +62,59 @@ class SandboxState:
             "chroot": self.chroot,
             "capabilities": self.capabilities,
             "securebits": self.securebits,
+            "no_new_privs": self.no_new_privs,
+            "landlock": {"abi": self.landlock_abi, "paths": self.landlock_paths} if self.landlock_abi else None,
+            "rlimits": self.rlimits,
+            "seccomp": self.seccomp,
             "notes": self.notes,
         }
+
+
+@dataclass
+class SandboxConfig:
+    export: str
+    seccomp: str = "kill"  # kill | trap | log | errno | none
+    landlock: bool = True
+    max_open_files: int = 1024
+    # (O_PATH fd, rights, label) beyond the export: the audit log's directory, the policy's directory.
+    grants: list[tuple[int, int, str]] = field(default_factory=list)
+
+
+def confine(config: SandboxConfig, export_fd: int) -> SandboxState:
+    """Steps 2-7 above, in order. Raises OSError when a step that must succeed fails."""
+    state = SandboxState()
+    enter_export(config.export, state)
+    drop_capabilities(state)
+    prctl.set_no_new_privs(1)
+    state.no_new_privs = bool(prctl.get_no_new_privs())
+    if config.landlock:
+        grants = [landlock.Grant(export_fd, landlock.EVERYTHING & ~landlock.EXECUTE, config.export)]
+        grants += [landlock.Grant(fd, access, label) for fd, access, label in config.grants]
+        state.landlock_abi = landlock.restrict(grants)
+        if state.landlock_abi:
+            state.landlock_paths = [g.label for g in grants]
+        else:
+            state.notes.append("Landlock unavailable in this kernel: not applied")
+    set_rlimits(config.max_open_files, state)
+    seccomp_filter.load(config.seccomp)
+    state.seccomp = config.seccomp
+    if config.seccomp == "none":
+        state.notes.append("SECCOMP FILTER DISABLED (--seccomp none): every system call is allowed")
+    return state
+
+
+def set_rlimits(max_open_files: int, state: SandboxState) -> None:
+    limits = {
+        "core": (resource.RLIMIT_CORE, 0),  # no core dumps: they would hold guest data
+        "nofile": (resource.RLIMIT_NOFILE, max_open_files),  # fd exhaustion stays ours, bounded
+        "nproc": (resource.RLIMIT_NPROC, 0),  # no new processes (seccomp forbids them too)
+    }
+    for name, (which, value) in limits.items():
+        _soft, hard = resource.getrlimit(which)
+        if hard != resource.RLIM_INFINITY and value > hard:
+            value = hard
+        resource.setrlimit(which, (value, value))
+        state.rlimits[name] = value
 
 
 def _prctl(option: int, arg2: int, arg3: int = 0) -> None:

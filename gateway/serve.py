@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import logging.handlers
 import os
 import socket
 import stat
 import sys
 
 from gateway.executor import Executor, getversion_supported
-from gateway.sandbox import SandboxState, drop_capabilities, enter_export
+from gateway.sandbox import SandboxConfig, confine
 from gateway.server import Server
 
 log = logging.getLogger("gateway")
@@ -70,6 +69,8 @@ def build_parser(prog: str = "gateway serve") -> argparse.ArgumentParser:
     parser.add_argument("-h", "-?", "--help", dest="help", action="store_true")
     parser.add_argument("--policy", dest="policy")
     parser.add_argument("--audit-log", dest="audit_log")
+    parser.add_argument("--seccomp", dest="seccomp", default="kill", choices=["kill", "trap", "log", "errno", "none"])
+    parser.add_argument("--no-landlock", dest="landlock", action="store_false")
     return parser
 
 
@@ -106,14 +107,36 @@ def setup_logging(foreground: bool) -> None:
         handler: logging.Handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("gateway[%(process)d]: %(message)s"))
     else:
-        try:
-            handler = logging.handlers.SysLogHandler(
-                address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON
-            )
-            handler.setFormatter(logging.Formatter("gateway[%(process)d]: %(message)s"))
-        except OSError:
-            handler = logging.NullHandler()
+        handler = DevLogHandler()
+        handler.setFormatter(logging.Formatter("gateway[%(process)d]: %(message)s"))
     root.addHandler(handler)
+
+
+class DevLogHandler(logging.Handler):
+    """Daemon logging to the local syslog socket, connected once at start-up.
+
+    Unlike logging.handlers.SysLogHandler it never reconnects: after the sandbox, socket() and connect()
+    are forbidden, so a syslog daemon that is absent or restarted costs log lines, never the process."""
+
+    _PRIORITY = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
+
+    def __init__(self, address: str = "/dev/log") -> None:
+        super().__init__()
+        self.sock: socket.socket | None = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            self.sock.connect(address)
+        except OSError:
+            self.sock.close()
+            self.sock = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.sock is None:
+            return
+        priority = 3 * 8 + self._PRIORITY.get(record.levelname, 6)  # facility daemon (3)
+        try:
+            self.sock.send(f"<{priority}>{self.format(record)}".encode(errors="replace"))
+        except OSError:
+            pass
 
 
 def daemonize() -> None:
@@ -198,16 +221,17 @@ def run(argv: list[str], prog: str = "gateway serve") -> int:
     export = os.path.abspath(opts.path)
     root_fd = os.open(export, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     proc_fd = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    state = SandboxState()
+    executor = Executor(root_fd, proc_fd, getversion_supported=getversion_supported(root_fd))
+    server = Server(sock, executor)
+    if opts.seccomp == "none":
+        log.warning("WARNING: --seccomp none: the gateway serves WITHOUT its system-call filter")
     try:
-        enter_export(export, state)
         os.umask(0)
-        drop_capabilities(state)
+        state = confine(SandboxConfig(export, seccomp=opts.seccomp, landlock=opts.landlock), root_fd)
     except OSError as exc:
         log.critical("confinement failed: %s", exc)
         return 1
     log.info("serving %s (%s)", export, state.as_dict())
-    executor = Executor(root_fd, proc_fd, getversion_supported=getversion_supported(root_fd))
-    stats = Server(sock, executor).serve()
+    stats = server.serve()
     log.info("Done: %s after %d requests", stats.end, stats.requests)
     return 0

@@ -1,0 +1,88 @@
+"""The seccomp allowlist: exactly the system calls a serving gateway makes, nothing that starts a
+process, opens a socket, debugs, mounts, signals others or loads programs into the kernel.
+
+The list was found by tracing the gateway (strace -f) through the integration, differential,
+confinement and real-guest suites, then reading each entry: the server's own file operations, what the
+CPython runtime needs to run (memory, signals, time, randomness) and what the audit trail needs (write,
+fsync, reopen). `ioctl` is allowed for FS_IOC_GETVERSION only; the terminal ioctls that CPython and
+rich probe answer ENOTTY instead of killing. The model is virtiofsd's seccomp.rs.
+"""
+
+from __future__ import annotations
+
+import errno
+import termios
+
+import pyseccomp as sc
+
+from gateway.syscalls import FS_IOC_GETVERSION
+
+# Imported at load time, not lazily: after chroot and the filter nothing can be imported.
+
+MODES = ("kill", "trap", "log", "errno", "none")
+
+ALLOWED: tuple[str, ...] = (
+    # the request loop and replies
+    "read", "readv", "recvfrom", "recvmsg", "write", "writev", "sendto", "sendmsg", "poll", "ppoll",
+    "select", "pselect6", "epoll_wait", "epoll_pwait", "shutdown", "getsockname", "getpeername",
+    "getsockopt",
+    # the executor: everything relative to a directory fd
+    "openat", "openat2", "close", "fstat", "newfstatat", "statx", "lseek", "pread64", "pwrite64",
+    "fstatfs", "statfs", "fchdir", "getcwd", "mkdirat", "mknodat", "symlinkat", "linkat", "unlinkat",
+    "renameat", "renameat2", "readlinkat", "readlink", "fchmodat", "fchmod", "fchownat", "fchown",
+    "utimensat", "ftruncate", "truncate", "getdents64", "dup", "dup3", "fcntl",
+    "lgetxattr", "fgetxattr", "getxattr", "llistxattr", "flistxattr", "listxattr",
+    "lsetxattr", "fsetxattr", "setxattr", "lremovexattr", "fremovexattr", "removexattr",
+    # acting as the guest's user: fs ids, and the effective set trimmed to CAP_DAC_OVERRIDE meanwhile
+    # (capset can only lower, or raise within the permitted set of seven; the bounding set is gone)
+    "capget", "capset", "setfsuid", "setfsgid", "getuid", "geteuid", "getgid", "getegid", "getresuid", "getresgid",
+    # the audit trail: append, sync, reopen on SIGUSR1
+    "fsync", "fdatasync", "umask",
+    # the CPython runtime
+    "brk", "mmap", "munmap", "mremap", "mprotect", "madvise", "futex", "getrandom",
+    "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "sigaltstack", "getpid", "gettid", "getppid",
+    "clock_gettime", "clock_getres", "clock_nanosleep", "nanosleep", "gettimeofday", "time",
+    "sched_yield", "sched_getaffinity", "uname", "sysinfo", "prlimit64", "getrlimit",
+    "exit", "exit_group", "restart_syscall", "set_robust_list", "rseq",
+)  # fmt: skip
+
+# ioctls answered ENOTTY: terminal probes from CPython's io and rich, harmless to refuse.
+TERMINAL_IOCTLS = (termios.TCGETS, termios.TIOCGWINSZ, termios.TIOCGPGRP, termios.FIONREAD)
+
+# Never allowed, whatever the trace said: the calls an attacker who owned the process would want.
+FORBIDDEN = (
+    "execve", "execveat", "fork", "vfork", "clone", "clone3", "socket", "socketpair", "connect",
+    "bind", "listen", "accept", "accept4", "ptrace", "process_vm_readv", "process_vm_writev",
+    "mount", "umount2", "pivot_root", "chroot", "kill", "tkill", "tgkill", "setns", "unshare",
+    "bpf", "init_module", "finit_module", "delete_module", "kexec_load", "reboot", "setuid",
+    "setgid", "setresuid", "setresgid", "prctl", "seccomp", "keyctl", "add_key",
+    "perf_event_open", "userfaultfd", "io_uring_setup", "open_by_handle_at", "name_to_handle_at",
+)  # fmt: skip
+
+assert not set(ALLOWED) & set(FORBIDDEN)
+
+
+def build_filter(mode: str) -> object:
+    """A pyseccomp SyscallFilter for mode kill|trap|log|errno (the default action for anything else)."""
+    default = {
+        "kill": sc.KILL_PROCESS,
+        "trap": sc.TRAP,
+        "log": sc.LOG,
+        "errno": sc.ERRNO(errno.EPERM),
+    }[mode]
+    flt = sc.SyscallFilter(default)
+    for name in ALLOWED:
+        try:
+            flt.add_rule(sc.ALLOW, name)
+        except (OSError, ValueError):  # a name this architecture lacks (e.g. "time" on arm64)
+            continue
+    flt.add_rule(sc.ALLOW, "ioctl", sc.Arg(1, sc.EQ, FS_IOC_GETVERSION))
+    for request in TERMINAL_IOCTLS:
+        flt.add_rule(sc.ERRNO(errno.ENOTTY), "ioctl", sc.Arg(1, sc.EQ, request))
+    return flt
+
+
+def load(mode: str) -> None:
+    if mode == "none":
+        return
+    build_filter(mode).load()  # type: ignore[attr-defined]
