@@ -56,7 +56,9 @@ class _PathBeneath(ctypes.Structure):
 
 def abi_version() -> int:
     """0 when the kernel has no Landlock (or it is disabled)."""
-    v = _syscall(ctypes.c_long(SYS_CREATE_RULESET), None, ctypes.c_size_t(0), ctypes.c_uint32(CREATE_RULESET_VERSION))
+    v = _syscall(
+        ctypes.c_long(SYS_CREATE_RULESET), None, ctypes.c_size_t(0), ctypes.c_uint32(CREATE_RULESET_VERSION)
+    )
     return int(v) if v > 0 else 0
 
 
@@ -76,7 +78,10 @@ def restrict(grants: list[Grant]) -> int:
     handled = rights_for(abi)
     attr = _RulesetAttr(handled)
     ruleset = _syscall(
-        ctypes.c_long(SYS_CREATE_RULESET), ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)), ctypes.c_uint32(0)
+        ctypes.c_long(SYS_CREATE_RULESET),
+        ctypes.byref(attr),
+        ctypes.c_size_t(ctypes.sizeof(attr)),
+        ctypes.c_uint32(0),
     )
     if ruleset < 0:
         err = ctypes.get_errno()

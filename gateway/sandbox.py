@@ -63,7 +63,9 @@ class SandboxState:
             "capabilities": self.capabilities,
             "securebits": self.securebits,
             "no_new_privs": self.no_new_privs,
-            "landlock": {"abi": self.landlock_abi, "paths": self.landlock_paths} if self.landlock_abi else None,
+            "landlock": {"abi": self.landlock_abi, "paths": self.landlock_paths}
+            if self.landlock_abi
+            else None,
             "rlimits": self.rlimits,
             "seccomp": self.seccomp,
             "notes": self.notes,

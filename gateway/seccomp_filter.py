@@ -35,7 +35,8 @@ ALLOWED: tuple[str, ...] = (
     "lsetxattr", "fsetxattr", "setxattr", "lremovexattr", "fremovexattr", "removexattr",
     # acting as the guest's user: fs ids, and the effective set trimmed to CAP_DAC_OVERRIDE meanwhile
     # (capset can only lower, or raise within the permitted set of seven; the bounding set is gone)
-    "capget", "capset", "setfsuid", "setfsgid", "getuid", "geteuid", "getgid", "getegid", "getresuid", "getresgid",
+    "capget", "capset", "setfsuid", "setfsgid", "getuid", "geteuid", "getgid", "getegid",
+    "getresuid", "getresgid",
     # the audit trail: append, sync, reopen on SIGUSR1
     "fsync", "fdatasync", "umask",
     # the CPython runtime

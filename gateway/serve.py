@@ -9,6 +9,7 @@ client goes away.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import socket
@@ -69,7 +70,9 @@ def build_parser(prog: str = "gateway serve") -> argparse.ArgumentParser:
     parser.add_argument("-h", "-?", "--help", dest="help", action="store_true")
     parser.add_argument("--policy", dest="policy")
     parser.add_argument("--audit-log", dest="audit_log")
-    parser.add_argument("--seccomp", dest="seccomp", default="kill", choices=["kill", "trap", "log", "errno", "none"])
+    parser.add_argument(
+        "--seccomp", dest="seccomp", default="kill", choices=["kill", "trap", "log", "errno", "none"]
+    )
     parser.add_argument("--no-landlock", dest="landlock", action="store_false")
     return parser
 
@@ -133,10 +136,8 @@ class DevLogHandler(logging.Handler):
         if self.sock is None:
             return
         priority = 3 * 8 + self._PRIORITY.get(record.levelname, 6)  # facility daemon (3)
-        try:
+        with contextlib.suppress(OSError):
             self.sock.send(f"<{priority}>{self.format(record)}".encode(errors="replace"))
-        except OSError:
-            pass
 
 
 def daemonize() -> None:
