@@ -5,12 +5,16 @@ trail), demo (a newcomer's first run). Each subcommand's module is imported only
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 COMMANDS = {
     "serve": "serve a guest's 9p proxy requests (virtfs-proxy-helper's options)",
+    "inspect": "show a running gateway's confinement, read from /proc",
     "demo": "a scripted guest session against a real gateway, then its summary",
 }
+# Subcommands with an add_arguments(parser) / run(args) module, imported only when they run.
+MODULES = {"inspect": "gateway.inspect", "demo": "gateway.demo"}
 
 
 def _usage() -> str:
@@ -30,12 +34,11 @@ def main(argv: list[str] | None = None) -> int:
         from gateway import serve
 
         return serve.run(rest)
-    if command == "demo":
-        from gateway import demo
-
-        parser = argparse.ArgumentParser(prog="gateway demo", description=COMMANDS["demo"])
-        demo.add_arguments(parser)
-        return demo.run(parser.parse_args(rest))
+    if command in MODULES:
+        module = importlib.import_module(MODULES[command])
+        parser = argparse.ArgumentParser(prog=f"gateway {command}", description=COMMANDS[command])
+        module.add_arguments(parser)
+        return int(module.run(parser.parse_args(rest)))
     print(f"gateway: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
     return 2
 
