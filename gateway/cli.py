@@ -10,11 +10,12 @@ import sys
 
 COMMANDS = {
     "serve": "serve a guest's 9p proxy requests (virtfs-proxy-helper's options)",
+    "check": "dry-run a policy: validate, lint, run its tests, decide requests, replay a trail",
     "inspect": "show a running gateway's confinement, read from /proc",
     "demo": "a scripted guest session against a real gateway, then its summary",
 }
 # Subcommands with an add_arguments(parser) / run(args) module, imported only when they run.
-MODULES = {"inspect": "gateway.inspect", "demo": "gateway.demo"}
+MODULES = {"check": "gateway.check", "inspect": "gateway.inspect", "demo": "gateway.demo"}
 
 
 def _usage() -> str:

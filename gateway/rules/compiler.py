@@ -1,0 +1,407 @@
+"""Rules compiled into per-op indexes, so that deciding a request looks at a handful of rules, not all.
+
+For each op slot (a request type; OPEN split into read and write) the compiler builds a trie keyed by path
+components. A rule sits at the node of its pattern's literal prefix (``/home/alice/**`` at home -> alice),
+once per pattern; rules without ``paths`` or with a pattern that starts with a wildcard sit at the root.
+Deciding walks the request path down the trie and meets only the rules whose prefix is a prefix of the
+path: the cost grows with the path's depth and the rules that really compete for it, not with the policy.
+
+At each slot, every condition is specialised: a condition on a field the request type does not carry is
+settled at compile time (a ``when`` that can never hold removes the rule from that slot; an ``unless``
+that can never hold is dropped), and the survivors become small closures over the request.
+"""
+
+from __future__ import annotations
+
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+from operator import attrgetter
+from typing import Any
+
+from gateway import names
+from gateway.protocol import RequestType as RT
+from gateway.rules import model
+from gateway.rules.model import Conditions, Decision, ObjectAttrs, ObjectConditions, Rule
+
+Test = Callable[[Any], bool]
+
+
+@dataclass(frozen=True)
+class Cond:
+    """One compiled condition: ``test`` takes the request (or, for object conditions, an ObjectAttrs)."""
+
+    key: str
+    text: str  # what the condition demands, in words: "uid in 1000-59999"
+    test: Test
+    actual: Callable[[Any], str]  # what the request (object) has, for explanations
+
+
+_NEVER = object()  # a condition that cannot hold at this slot
+
+
+def ranges_text(ranges: tuple[tuple[int, int], ...]) -> str:
+    return ", ".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in ranges)
+
+
+def _in_ranges(ranges: tuple[tuple[int, int], ...]) -> Callable[[int | None], bool]:
+    if all(lo == hi for lo, hi in ranges):
+        ids = frozenset(lo for lo, _ in ranges)
+        return lambda v: v in ids
+    if len(ranges) == 1:
+        lo, hi = ranges[0]
+        return lambda v: v is not None and lo <= v <= hi
+    return lambda v: v is not None and any(lo <= v <= hi for lo, hi in ranges)
+
+
+def _bits_text(mask: int) -> str:
+    words = [name for name, bit in model.MODE_BITS.items() if mask & bit == bit]
+    return ", ".join(words) if words else "0"
+
+
+def _types_text(types: frozenset[int]) -> str:
+    return ", ".join(sorted(names.FILE_TYPE_NAMES.get(t, str(t)) for t in types))
+
+
+def _mode_conds(prefix: str, c: Any, get: Callable[[Any], int | None]) -> list[Cond]:
+    """mode_any / mode_all / mode_none on a mode read by ``get`` (None when unknown)."""
+    out = []
+    show: Callable[[Any], str] = lambda x: "unknown" if get(x) is None else names.mode_text(get(x) & 0o7777)  # noqa: E731
+    if c.mode_any is not None:
+        m = c.mode_any
+        out.append(Cond(prefix + "mode_any", f"{prefix}mode has any of {_bits_text(m)}",
+                        lambda x: (v := get(x)) is not None and bool(v & m), show))
+    if c.mode_all is not None:
+        m2 = c.mode_all
+        out.append(Cond(prefix + "mode_all", f"{prefix}mode has all of {_bits_text(m2)}",
+                        lambda x: (v := get(x)) is not None and v & m2 == m2, show))
+    if c.mode_none is not None:
+        m3 = c.mode_none
+        out.append(Cond(prefix + "mode_none", f"{prefix}mode has none of {_bits_text(m3)}",
+                        lambda x: (v := get(x)) is not None and not v & m3, show))
+    return out
+
+
+def object_conds(o: ObjectConditions | None) -> list[Cond]:
+    if o is None:
+        return []
+    out = []
+    if o.owner is not None:
+        f = _in_ranges(o.owner)
+        out.append(Cond("object.owner", f"object owner in {ranges_text(o.owner)}", lambda a: f(a.owner),
+                        lambda a: str(a.owner) if a.owner is not None else "unknown"))
+    if o.group is not None:
+        g = _in_ranges(o.group)
+        out.append(Cond("object.group", f"object group in {ranges_text(o.group)}", lambda a: g(a.group),
+                        lambda a: str(a.group) if a.group is not None else "unknown"))
+    if o.type is not None:
+        ts = o.type
+        out.append(Cond("object.type", f"object type is {_types_text(ts)}", lambda a: a.type in ts,
+                        lambda a: names.FILE_TYPE_NAMES.get(a.type, "unknown")))
+    out += _mode_conds("object.", o, attrgetter("mode"))
+    return out
+
+
+def _flag_conds(c: Conditions, slot: int) -> list[Cond] | object:
+    xattr_slot = slot == int(RT.LSETXATTR)
+    show: Callable[[Any], str] = lambda r: "|".join(  # noqa: E731
+        names.xattr_flag_names(r.flags) if xattr_slot else names.open_flag_names(r.flags)) or "0"
+    out = []
+    if c.flags_any is not None:
+        tests = tuple((t.mask, t.value) for t in c.flags_any if t.xattr == xattr_slot)
+        if not tests:
+            return _NEVER
+        words = ", ".join(t.name for t in c.flags_any)
+        out.append(Cond("flags_any", f"flags have any of {words}",
+                        lambda r: any(r.flags & m == v for m, v in tests), show))
+    if c.flags_all is not None:
+        if any(t.xattr != xattr_slot for t in c.flags_all):
+            return _NEVER
+        tests2 = tuple((t.mask, t.value) for t in c.flags_all)
+        words = ", ".join(t.name for t in c.flags_all)
+        out.append(Cond("flags_all", f"flags have all of {words}",
+                        lambda r: all(r.flags & m == v for m, v in tests2), show))
+    if c.flags_none is not None:
+        tests3 = tuple((t.mask, t.value) for t in c.flags_none if t.xattr == xattr_slot)
+        words = ", ".join(t.name for t in c.flags_none)
+        if tests3:
+            out.append(Cond("flags_none", f"flags have none of {words}",
+                            lambda r: not any(r.flags & m == v for m, v in tests3), show))
+    return out
+
+
+def _text(attr: str) -> Callable[[Any], str]:
+    return lambda r: getattr(r, attr).decode("utf-8", "surrogateescape")
+
+
+def resolve_target(link_path: str, target: str) -> str:
+    """Where a symlink's target points inside the export, resolved lexically from the link's directory."""
+    base = target if target.startswith("/") else link_path.rsplit("/", 1)[0] + "/" + target
+    stack: list[str] = []
+    for part in base.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if stack:
+                stack.pop()
+        else:
+            stack.append(part)
+    return "/" + "/".join(stack)
+
+
+def _target_conds(c: Conditions) -> list[Cond]:
+    tgt = _text("target")
+    out = []
+    if c.target is not None:
+        m = c.target.fullmatch
+        out.append(Cond("target", f"target matches {', '.join(c.target.patterns)}",
+                        lambda r: m(tgt(r)) is not None, tgt))
+    if c.target_except is not None:
+        mx = c.target_except.fullmatch
+        out.append(Cond("target_except", f"target matches none of {', '.join(c.target_except.patterns)}",
+                        lambda r: mx(tgt(r)) is None, tgt))
+    if c.target_resolved is not None:
+        mr = c.target_resolved.fullmatch
+        where: Callable[[Any], str] = lambda r: resolve_target(model_path(r.path), tgt(r))  # noqa: E731
+        out.append(Cond("target_resolved", f"target resolves into {', '.join(c.target_resolved.patterns)}",
+                        lambda r: mr(where(r)) is not None, where))
+    if c.target_absolute is not None:
+        want = c.target_absolute
+        out.append(Cond("target_absolute", "target is absolute" if want else "target is relative",
+                        lambda r: r.target.startswith(b"/") == want, tgt))
+    if c.target_dotdot is not None:
+        want2 = c.target_dotdot
+        out.append(Cond("target_dotdot", "target has a '..'" if want2 else "target has no '..'",
+                        lambda r: (b".." in r.target.split(b"/")) == want2, tgt))
+    return out
+
+
+def model_path(raw: bytes) -> str:
+    """Lexically normalise a request path: decode, collapse // and ., resolve .., clamp at /."""
+    path = raw.decode("utf-8", "surrogateescape")
+    # The fast case (already normal) costs a few substring scans; the engine calls this on every request.
+    # "/." alone would send every dot file (/home/a/.git) down the slow road, so look closer first.
+    if path[:1] == "/" and "//" not in path and path[-1:] != "/":
+        if "/." not in path:
+            return path
+        if "/./" not in path and "/../" not in path and not path.endswith(("/.", "/..")):
+            return path
+    stack: list[str] = []
+    for part in path.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if stack:
+                stack.pop()
+        else:
+            stack.append(part)
+    return "/" + "/".join(stack)
+
+
+def request_conds(c: Conditions, slot: int) -> list[Cond] | None:
+    """The cheap (request-only) conditions of a block at one slot; None when the block cannot hold."""
+    out: list[Cond] = []
+    for key in c.given():
+        if key != "object" and slot not in model.FIELD_SLOTS[key]:
+            return None
+    for attr in ("uid", "gid"):
+        ranges = getattr(c, attr)
+        if ranges is not None:
+            f = _in_ranges(ranges)
+            get = attrgetter(attr)
+            out.append(Cond(attr, f"{attr} in {ranges_text(ranges)}", lambda r, f=f, get=get: f(get(r)),
+                            lambda r, get=get: str(get(r))))
+    out += _mode_conds("", c, attrgetter("mode"))
+    if c.type is not None:
+        types = c.type
+        fixed = {int(RT.CREATE): stat.S_IFREG, int(RT.MKDIR): stat.S_IFDIR, int(RT.SYMLINK): stat.S_IFLNK}
+        if slot in fixed:
+            if fixed[slot] not in types:  # settled now: a CREATE always makes a regular file
+                return None
+        else:
+            # MKNOD carries the type in its mode (0 means a regular file, as mknod(2) says); CHMOD's mode
+            # carries it when the client sends the full st_mode, as Linux does.
+            mknod = slot == int(RT.MKNOD)
+            ftype: Callable[[Any], int] = (lambda r: r.mode & 0o170000 or stat.S_IFREG) if mknod else (
+                lambda r: r.mode & 0o170000)
+            out.append(Cond("type", f"type is {_types_text(types)}", lambda r: ftype(r) in types,
+                            lambda r: names.FILE_TYPE_NAMES.get(ftype(r), "unknown")))
+    flags = _flag_conds(c, slot)
+    if flags is _NEVER:
+        return None
+    out += flags  # type: ignore[arg-type]
+    out += _target_conds(c)
+    if c.length_min is not None:
+        lo = c.length_min
+        out.append(Cond("length_min", f"length >= {lo}", lambda r: r.length >= lo, lambda r: str(r.length)))
+    if c.length_max is not None:
+        hi = c.length_max
+        out.append(Cond("length_max", f"length <= {hi}", lambda r: r.length <= hi, lambda r: str(r.length)))
+    name = _text("name")
+    if c.xattr is not None:
+        mx = c.xattr.fullmatch
+        out.append(Cond("xattr", f"xattr name matches {', '.join(c.xattr.patterns)}",
+                        lambda r: mx(name(r)) is not None, name))
+    if c.xattr_except is not None:
+        mxe = c.xattr_except.fullmatch
+        out.append(Cond("xattr_except", f"xattr name matches none of {', '.join(c.xattr_except.patterns)}",
+                        lambda r: mxe(name(r)) is None, name))
+    return out
+
+
+def all_of(conds: list[Cond]) -> Test | None:
+    """One callable testing every condition (None when there are none: the caller skips the call)."""
+    tests = tuple(c.test for c in conds)
+    if not tests:
+        return None
+    if len(tests) == 1:
+        return tests[0]
+    if len(tests) == 2:
+        a, b = tests
+        return lambda x: a(x) and b(x)
+    return lambda x: all(t(x) for t in tests)
+
+
+class View:
+    """A rule as compiled for one slot. ``pre``/``res`` exist only for rules that read the object."""
+
+    __slots__ = ("always", "chk", "deny", "ex", "id", "obj", "pre", "prio", "res", "rule", "solo", "unless",
+                 "unless_obj", "when", "when_obj")
+
+    def __init__(self, rule: Rule, prio: int, when: list[Cond], unless: list[Cond] | None,
+                 when_obj: list[Cond], unless_obj: list[Cond], solo: Decision) -> None:
+        self.rule = rule
+        self.id = rule.id
+        self.deny = rule.deny
+        self.always = rule.always
+        self.prio = prio
+        self.ex = rule.except_.fullmatch if rule.except_ is not None else None
+        self.when, self.unless, self.when_obj, self.unless_obj = when, unless, when_obj, unless_obj
+        self.solo = solo  # the decision when this rule is the only one that matched
+        w = all_of(when)
+        u = all_of(unless) if unless is not None else None
+        self.obj = bool(when_obj or (unless is not None and unless_obj))
+        if not self.obj:
+            # chk: None (always holds) or one call covering `when` and `not unless`
+            if unless is None:
+                self.chk = w
+            elif w is None:
+                self.chk = lambda r: not u(r)  # type: ignore[misc]
+            else:
+                self.chk = lambda r: w(r) and not u(r)  # type: ignore[misc]
+            self.pre = self.res = None
+            return
+        self.chk = None
+        wo = all_of(when_obj)
+        uo = all_of(unless_obj)
+        has_unless = unless is not None
+
+        def pre(r: Any) -> int:
+            """0: cannot match; 1: matches whatever the object; 2: depends on the object."""
+            if w is not None and not w(r):
+                return 0
+            unless_open = has_unless and (u is None or u(r))
+            if unless_open and uo is None:
+                return 0
+            if wo is None and not unless_open:
+                return 1
+            return 2
+
+        def res(r: Any, o: ObjectAttrs) -> bool:
+            if wo is not None and not wo(o):
+                return False
+            return not (has_unless and (u is None or u(r)) and (uo is None or uo(o)))
+
+        self.pre, self.res = pre, res
+
+
+class Node:
+    __slots__ = ("entries", "exact", "kids")
+
+    def __init__(self) -> None:
+        self.kids: dict[str, Node] = {}
+        self.entries: Any = []  # (view, fullmatch or None) for rules whose prefix ends here
+        self.exact: Any = []  # (view, None): literal patterns naming exactly this node's path
+
+    def insert(self, prefix: tuple[str, ...], item: tuple[View, Any], exact: bool) -> None:
+        node = self
+        for comp in prefix:
+            node = node.kids.setdefault(comp, Node())
+        (node.exact if exact else node.entries).append(item)
+
+    def freeze(self) -> None:
+        # Subtree entries (no regex to run) first; tuples iterate a little faster than lists.
+        self.entries = tuple(sorted(self.entries, key=lambda e: e[1] is not None))
+        self.exact = tuple(self.exact)
+        for kid in self.kids.values():
+            kid.freeze()
+
+
+@dataclass
+class Compiled:
+    roots: list[Node | None]  # indexed by slot
+    views: dict[tuple[str, int], View]  # (rule id, slot) -> view, for explanations and lint
+    default: Decision
+    enforce: bool
+    default_deny: bool
+    ranks: dict[str, int]
+
+
+def rule_decision(rule: Rule, enforce: bool) -> Decision:
+    about = f": {rule.description}" if rule.description else ""
+    if not rule.deny:
+        return Decision("allow", "allow", True, rule.id, 0, (rule.id,), f"allowed by rule '{rule.id}'{about}")
+    if enforce or rule.always:
+        return Decision("deny", "deny", True, rule.id, rule.errno, (rule.id,),
+                        f"denied by rule '{rule.id}'{about}")
+    return Decision("deny", "would-deny", False, rule.id, rule.errno, (rule.id,),
+                    f"would be denied by rule '{rule.id}'{about} (permissive: performed anyway)")
+
+
+def default_decision(default: str, enforce: bool) -> Decision:
+    import errno
+
+    if default == "allow":
+        return Decision("allow", "allow", True, None, 0, (), "no rule matched: default allow")
+    if enforce:
+        return Decision("deny", "deny", True, None, errno.EACCES, (), "no rule matched: default deny")
+    return Decision("deny", "would-deny", False, None, errno.EACCES, (),
+                    "no rule matched: default deny (permissive: performed anyway)")
+
+
+def compile_rules(rules: tuple[Rule, ...], default: str, enforcement: str) -> Compiled:
+    enforce = enforcement == "enforce"
+    # Precedence among rules of one effect: never the file order. Under permissive enforcement a rule
+    # that is always enforced comes first (it decides whether the request is really refused); then ids.
+    ordered = sorted(rules, key=lambda r: (not (not enforce and r.always), r.id))
+    ranks = {r.id: i for i, r in enumerate(ordered)}
+    roots: list[Node | None] = [None] * (max(model.SLOTS) + 1)
+    views: dict[tuple[str, int], View] = {}
+    for rule in rules:
+        solo = rule_decision(rule, enforce)
+        when_obj = object_conds(rule.when.object)
+        unless_obj = object_conds(rule.unless.object) if rule.unless else []
+        for slot in sorted(rule.slots):
+            when = request_conds(rule.when, slot)
+            if when is None:
+                continue  # a `when` condition reads a field this request type does not have
+            unless = request_conds(rule.unless, slot) if rule.unless is not None else None
+            if rule.unless is not None and unless is not None and not unless and not unless_obj:
+                continue  # `unless` holds whatever the request: the rule can never apply here
+            view = View(rule, ranks[rule.id], when, unless, when_obj,
+                        unless_obj if unless is not None else [], solo)
+            views[(rule.id, slot)] = view
+            root = roots[slot]
+            if root is None:
+                root = roots[slot] = Node()
+            if rule.paths is None:
+                root.insert((), (view, None), False)
+                continue
+            for place in rule.paths.placements:
+                match = None if place.kind == "subtree" else place.regex.fullmatch
+                root.insert(place.prefix, (view, None if place.kind == "exact" else match),
+                            place.kind == "exact")
+    for root in roots:
+        if root is not None:
+            root.freeze()
+    return Compiled(roots, views, default_decision(default, enforce), enforce, default == "deny", ranks)
