@@ -11,11 +11,12 @@ import sys
 COMMANDS = {
     "serve": "serve a guest's 9p proxy requests (virtfs-proxy-helper's options)",
     "check": "dry-run a policy: validate, lint, run its tests, decide requests, replay a trail",
+    "audit": "review audit trails: filters, tables, summaries, follow, verify the hash chain",
     "inspect": "show a running gateway's confinement, read from /proc",
     "demo": "a scripted guest session against a real gateway, then its summary",
 }
 # Subcommands with an add_arguments(parser) / run(args) module, imported only when they run.
-MODULES = {"check": "gateway.check", "inspect": "gateway.inspect", "demo": "gateway.demo"}
+MODULES = {"audit": "gateway.audit_cli", "check": "gateway.check", "inspect": "gateway.inspect", "demo": "gateway.demo"}
 
 
 def _usage() -> str:

@@ -1,0 +1,309 @@
+"""Record filters for `gateway audit`: op groups, path globs, id ranges, times people type.
+
+Everything here works on parsed records (dicts) and is free of I/O and rich. A filter also offers a
+cheap test on the raw line (:meth:`RecordFilter.may_match`) that rejects most non-matching lines before
+the JSON is parsed; it only ever rejects lines whose parse would be rejected too.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import posixpath
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from json.encoder import encode_basestring_ascii as quote  # type: ignore[attr-defined]
+from typing import Any
+
+from gateway.names import OPS_BY_NAME
+
+ALL_OPS = frozenset(OPS_BY_NAME)
+
+# OPEN is a read or a write depending on its flags; it is classified as "open:read" or "open:write"
+# (see op_class) so that one table can say where each belongs. As the policy language has it: a write
+# access mode, or a flag that changes or creates the file (O_TMPFILE creates one).
+OPEN_WRITE_FLAGS = frozenset(
+    {"O_WRONLY", "O_RDWR", "O_ACCMODE", "O_TRUNC", "O_APPEND", "O_CREAT", "__O_TMPFILE"}
+)
+
+# The op groups, in one place for the review side; the same as the policy language's (a test keeps the
+# two in step). A group names op classes: op names, plus open:read / open:write. rename is a create (a
+# new name appears) and a delete (the old one goes).
+OP_GROUPS: dict[str, frozenset[str]] = {
+    "read": frozenset({"open:read", "lstat", "readlink", "statfs", "lgetxattr", "llistxattr", "getversion"}),
+    "write": frozenset(
+        {
+            "open:write",
+            "create",
+            "mknod",
+            "mkdir",
+            "symlink",
+            "link",
+            "rename",
+            "remove",
+            "truncate",
+            "chmod",
+            "chown",
+            "utime",
+            "lsetxattr",
+            "lremovexattr",
+        }
+    ),
+    "create": frozenset({"create", "mknod", "mkdir", "symlink", "link", "rename"}),
+    "delete": frozenset({"remove", "rename"}),
+    "attr": frozenset({"chmod", "chown", "utime", "truncate"}),
+    "xattr": frozenset({"lgetxattr", "llistxattr", "lsetxattr", "lremovexattr"}),
+    "all": frozenset((ALL_OPS - {"open"}) | {"open:read", "open:write"}),
+}
+
+DECISIONS = ("allow", "deny", "would-deny")
+
+
+def op_class(record: dict[str, Any]) -> str | None:
+    """The record's op class: its op, or open:read / open:write for OPEN."""
+    op = record.get("op")
+    if op == "open":
+        flags = record.get("flags") or ()
+        return "open:write" if OPEN_WRITE_FLAGS.intersection(flags) else "open:read"
+    return op
+
+
+def expand_ops(names: Iterable[str]) -> frozenset[str]:
+    """Op names and group names to the set of op classes they cover (ValueError for unknown names)."""
+    classes: set[str] = set()
+    for raw in names:
+        name = raw.strip().lower()
+        if name in OP_GROUPS:
+            classes |= OP_GROUPS[name]
+        elif name == "open":
+            classes |= {"open:read", "open:write"}
+        elif name in ALL_OPS or name in ("open:read", "open:write"):
+            classes.add(name)
+        else:
+            known = ", ".join(sorted(OP_GROUPS)) + ", or an op name (" + ", ".join(sorted(ALL_OPS)) + ")"
+            raise ValueError(f"unknown op or group {raw!r}: use {known}")
+    return frozenset(classes)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Path globs: the policy's own language (gateway.rules.globs), so that --path '/etc/**' selects what a
+# rule with paths: ['/etc/**'] covers: * within a component, ** across (dir/** is dir too), ?, [...],
+# {a,b}. One addition for people searching: a pattern without a slash matches the last component
+# anywhere (--path shadow, --path '*.so').
+
+
+def glob_regex(pattern: str) -> re.Pattern[str]:
+    # Imported here: the policy package loads its schema libraries, and only --path needs it.
+    from gateway.rules.globs import GlobError, expand_braces, translate
+
+    if "/" not in pattern:
+        pattern = "**/" + pattern
+    elif not pattern.startswith(("/", "**")):
+        pattern = "/" + pattern
+    try:
+        alternatives = [translate(alternative) for alternative in expand_braces(pattern)]
+    except GlobError as exc:
+        raise ValueError(f"bad path pattern {pattern!r}: {exc}") from None
+    return re.compile("(?:" + "|".join(alternatives) + r")\Z", re.DOTALL)
+
+
+def normal_path(path: str) -> str:
+    """Lexically normalised as the engine sees paths (QEMU sends //dir/file): no //, ., .., clamped at /."""
+    path = posixpath.normpath("/" + path)
+    return "/" + path.lstrip("/") if path.startswith("//") else path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Numbers and times
+
+
+def parse_ranges(values: Iterable[str]) -> list[tuple[int, int]]:
+    """ "1000", "1000-59999", "0,1000-1999" -> inclusive ranges."""
+    ranges: list[tuple[int, int]] = []
+    for value in values:
+        for part in value.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            low, sep, high = part.partition("-")
+            try:
+                ranges.append((int(low), int(high) if sep else int(low)))
+            except ValueError:
+                raise ValueError(f"not a number or range: {part!r}") from None
+    return ranges
+
+
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"  # the records' own: string order is time order
+_RELATIVE = re.compile(
+    r"(\d+(?:\.\d+)?)\s*(s|sec|secs|seconds?|m|min|mins|minutes?|h|hours?|d|days?|w|weeks?)(?:\s+ago)?\Z"
+)
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_time(text: str, now: datetime | None = None) -> datetime:
+    """RFC 3339 (a time without offset, or a bare date, is local time), now, today, yesterday,
+    this-hour, or a duration ago: 10m, 2h, 3d, 90s, 1w, "10 minutes ago". Returns an aware UTC time."""
+    now = (now or datetime.now(UTC)).astimezone(UTC)
+    word = text.strip().lower()
+    local_now = now.astimezone()
+    midnight = local_now.replace(hour=0, minute=0, second=0, microsecond=0)
+    if word == "now":
+        return now
+    if word == "today":
+        return midnight.astimezone(UTC)
+    if word == "yesterday":
+        return (midnight - timedelta(days=1)).astimezone(UTC)
+    if word in ("this-hour", "this hour"):
+        return local_now.replace(minute=0, second=0, microsecond=0).astimezone(UTC)
+    if _RELATIVE.match(word):
+        return now - timedelta(seconds=parse_duration(word))
+    try:
+        moment = datetime.fromisoformat(text.strip().replace("z", "Z"))
+    except ValueError:
+        raise ValueError(
+            f"not a time: {text!r} (use RFC 3339, today, yesterday, this-hour, or 10m / 2h / 3d ago)"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.astimezone()  # naive: the operator's local time
+    return moment.astimezone(UTC)
+
+
+def parse_duration(text: str) -> float:
+    """ "90s", "5m", "1h", "1d", "2w" (as --since takes them) -> seconds."""
+    match = _RELATIVE.match(text.strip().lower())
+    if not match:
+        raise ValueError(f"not a duration: {text!r} (use 90s, 5m, 1h, 1d, 1w)")
+    unit = match.group(2)
+    return float(match.group(1)) * _UNIT_SECONDS["m" if unit.startswith("min") else unit[0]]
+
+
+def time_key(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime(TIME_FORMAT)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The filter
+
+
+def _split(values: Iterable[str] | None) -> list[str]:
+    return [v.strip() for value in values or () for v in value.split(",") if v.strip()]
+
+
+@dataclass
+class RecordFilter:
+    """All given conditions must hold; each condition's values are alternatives."""
+
+    tenants: list[str] = field(default_factory=list)
+    decisions: list[str] = field(default_factory=list)
+    ops: frozenset[str] = frozenset()
+    paths: list[re.Pattern[str]] = field(default_factory=list)
+    rules: list[str] = field(default_factory=list)
+    uids: list[tuple[int, int]] = field(default_factory=list)
+    gids: list[tuple[int, int]] = field(default_factory=list)
+    since: str | None = None
+    until: str | None = None
+    results: list[str] = field(default_factory=list)
+    events: list[str] = field(default_factory=list)
+    _tests: list[Callable[[dict[str, Any]], bool]] = field(default_factory=list, repr=False)
+    _needles: list[tuple[bytes, ...]] = field(default_factory=list, repr=False)
+
+    @classmethod
+    def build(
+        cls, *, tenant: Iterable[str] | None = None, decision: Iterable[str] | None = None,
+        op: Iterable[str] | None = None, path: Iterable[str] | None = None, rule: Iterable[str] | None = None,
+        uid: Iterable[str] | None = None, gid: Iterable[str] | None = None, since: str | None = None,
+        until: str | None = None, result: Iterable[str] | None = None, event: Iterable[str] | None = None,
+        now: datetime | None = None,
+    ) -> RecordFilter:  # fmt: skip
+        """From the command line's strings (each may be comma-separated); ValueError names a bad one."""
+        decisions = [d.lower() for d in _split(decision)]
+        for d in decisions:
+            if d not in DECISIONS:
+                raise ValueError(f"unknown decision {d!r}: use {', '.join(DECISIONS)}")
+        f = cls(
+            tenants=_split(tenant),
+            decisions=decisions,
+            ops=expand_ops(_split(op)) if op else frozenset(),
+            paths=[glob_regex(p) for p in (path or ()) if p],
+            rules=_split(rule),
+            uids=parse_ranges(uid or ()),
+            gids=parse_ranges(gid or ()),
+            since=time_key(parse_time(since, now)) if since else None,
+            until=time_key(parse_time(until, now)) if until else None,
+            results=[r.upper() if r.lower() not in ("ok", "error") else r.lower() for r in _split(result)],
+            events=[e.lower() for e in _split(event)],
+        )
+        f._compile()
+        return f
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The compiled tests are closures (not picklable); a worker process compiles its own.
+        return {k: v for k, v in self.__dict__.items() if k not in ("_tests", "_needles")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _tests=[], _needles=[])
+        self._compile()
+
+    def _compile(self) -> None:
+        tests = self._tests
+        needles = self._needles
+        if self.tenants:
+            names = self.tenants
+            globbed = any(set(n) & set("*?[") for n in names)
+            tests.append(lambda r: any(fnmatch.fnmatchcase(str(r.get("tenant", "")), n) for n in names))
+            if not globbed:
+                needles.append(tuple(b'"tenant":' + quote(n).encode() for n in names))
+        if self.decisions:
+            allowed = frozenset(self.decisions)
+            tests.append(lambda r: r.get("decision") in allowed)
+            needles.append(tuple(b'"decision":' + quote(d).encode() for d in allowed))
+        if self.events:
+            events = frozenset(self.events)
+            lifecycle = "lifecycle" in events
+            tests.append(lambda r: r.get("event") in events or (lifecycle and r.get("event") != "request"))
+        if self.ops:
+            ops = self.ops
+            tests.append(lambda r: op_class(r) in ops)
+        if self.paths:
+            patterns = self.paths
+            tests.append(lambda r: any(
+                isinstance(v, str) and p.match(normal_path(v))
+                for v in (r.get("path"), r.get("path2")) for p in patterns
+            ))  # fmt: skip
+        if self.rules:
+            wanted = self.rules
+            none = any(w.lower() in ("none", "-") for w in wanted)
+            tests.append(lambda r: (r.get("rule") is None and none and "decision" in r) or any(
+                isinstance(r.get("rule"), str) and fnmatch.fnmatchcase(r["rule"], w) for w in wanted
+            ))  # fmt: skip
+        for key, ranges in (("uid", self.uids), ("gid", self.gids)):
+            if ranges:
+                tests.append(lambda r, key=key, ranges=ranges: isinstance(r.get(key), int) and any(
+                    low <= r[key] <= high for low, high in ranges
+                ))  # fmt: skip
+        if self.since is not None:
+            since = self.since
+            tests.append(lambda r: str(r.get("time", "")) >= since)
+        if self.until is not None:
+            until = self.until
+            tests.append(lambda r: str(r.get("time", "")) < until)
+        if self.results:
+            results = frozenset(self.results)
+            error = "error" in results
+            tests.append(lambda r: r.get("result") in results or (error and r.get("result", "ok") != "ok"))
+
+    @property
+    def active(self) -> bool:
+        return bool(self._tests)
+
+    def may_match(self, line: bytes) -> bool:
+        """False only when the line cannot match: a needed key:value pair is absent from the raw bytes.
+        (Inside a JSON string every quote is escaped, so '"decision":"deny"' can only be the member.)
+        Only lines in the writer's own compact shape are judged; anything else goes on to be parsed."""
+        if not line.startswith(b'{"seq":'):
+            return True
+        return all(any(n in line for n in alternatives) for alternatives in self._needles)
+
+    def __call__(self, record: dict[str, Any]) -> bool:
+        return all(test(record) for test in self._tests)
