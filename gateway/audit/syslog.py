@@ -108,15 +108,11 @@ class SyslogSink:
         except BlockingIOError:
             self.dropped += 1
         except OSError as exc:
-            # ECONNREFUSED: the daemon restarted and its socket is a new one. Reconnecting a datagram
-            # socket needs no new socket(), so it may still work inside the sandbox; try once.
+            # ECONNREFUSED: the daemon restarted and its socket is a new one. No reconnect: connect() is
+            # outside the sandbox's seccomp allowlist (it would kill the gateway), so the copy is dropped
+            # and counted; the trail itself, the record of truth, is unaffected.
             self.errors += 1
             self.last_error = exc.strerror or str(exc)
-            try:
-                self.sock.connect(self.address)
-                self.sock.send(data, socket.MSG_DONTWAIT)
-            except OSError:
-                pass
 
     def close(self) -> None:
         self.sock.close()
