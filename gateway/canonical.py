@@ -73,3 +73,14 @@ class Canonicalizer:
         if real_parent is None:  # the request will fail to resolve too; decide on the lexical form
             return lexical(path)
         return real_parent.rstrip(b"/") + b"/" + name
+
+    def stat(self, path: bytes) -> os.stat_result | None:
+        """lstat of a path resolved beneath the export, or None when there is nothing there."""
+        try:
+            fd = sc.openat2(self.root_fd, path or b"/", _O_PATH | os.O_NOFOLLOW)
+        except OSError:
+            return None
+        try:
+            return os.fstat(fd)
+        finally:
+            os.close(fd)

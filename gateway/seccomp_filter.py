@@ -38,7 +38,7 @@ ALLOWED: tuple[str, ...] = (
     "capget", "capset", "setfsuid", "setfsgid", "getuid", "geteuid", "getgid", "getegid",
     "getresuid", "getresgid",
     # the audit trail: append, sync, reopen on SIGUSR1
-    "fsync", "fdatasync", "umask",
+    "fsync", "fdatasync", "flock", "umask",
     # the CPython runtime
     "brk", "mmap", "munmap", "mremap", "mprotect", "madvise", "futex", "getrandom",
     "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "sigaltstack", "getpid", "gettid", "getppid",

@@ -12,11 +12,17 @@ import argparse
 import contextlib
 import logging
 import os
+import signal
 import socket
 import stat
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
+from gateway import __version__, landlock
+from gateway.audit import AuditWriter
 from gateway.executor import Executor, getversion_supported
+from gateway.rules import Policy, PolicyError, load_policy, load_policy_text
 from gateway.sandbox import SandboxConfig, confine
 from gateway.server import Server
 
@@ -29,7 +35,11 @@ USAGE = """usage: {prog}
  \t-u|--uid <uid> -g|--gid <gid>}} - uid:gid combination to give  access to this socket
  \tNote: -s & -f can not be used together
  [-n|--nodaemon] Run as a normal program
- [--policy FILE] policy to enforce   [--audit-log FILE] where the audit trail goes
+ gateway's own options:
+ [--policy FILE | --policy-dir DIR --tenant NAME] the policy (default: the built-in baseline)
+ [--audit-log FILE] the trail (default: the policy's audit.path, else /var/log/gateway/<tenant>.jsonl)
+ [--audit-sync every|interval|never] [--audit-syslog] [--console] (with -n: a live rich view)
+ [--seccomp kill|trap|log|errno|none] [--no-landlock]
 """
 
 
@@ -69,7 +79,14 @@ def build_parser(prog: str = "gateway serve") -> argparse.ArgumentParser:
     parser.add_argument("-n", "--nodaemon", dest="nodaemon", action="store_true")
     parser.add_argument("-h", "-?", "--help", dest="help", action="store_true")
     parser.add_argument("--policy", dest="policy")
+    parser.add_argument("--tenant", dest="tenant")
+    parser.add_argument("--policy-dir", dest="policy_dir")
     parser.add_argument("--audit-log", dest="audit_log")
+    parser.add_argument(
+        "--audit-sync", dest="audit_sync", default="interval", choices=["every", "interval", "never"]
+    )
+    parser.add_argument("--audit-syslog", dest="audit_syslog", action="store_true")
+    parser.add_argument("--console", dest="console", action="store_true")
     parser.add_argument(
         "--seccomp", dest="seccomp", default="kill", choices=["kill", "trap", "log", "errno", "none"]
     )
@@ -188,6 +205,54 @@ def inherited_socket(fd: int) -> socket.socket:
         raise OSError(f"socket descriptor {fd} is not usable: {exc.strerror}") from None
 
 
+BASELINE = Path(__file__).with_name("rules") / "baseline.yaml"
+
+
+def policy_location(opts: argparse.Namespace) -> Path:
+    """--policy FILE; else --policy-dir DIR with --tenant NAME: DIR/NAME.yaml; else the baseline."""
+    if opts.policy is not None:
+        return Path(opts.policy)
+    if opts.policy_dir is not None:
+        if not opts.tenant:
+            raise OSError("--policy-dir needs --tenant NAME (the policy is DIR/NAME.yaml)")
+        return Path(opts.policy_dir) / f"{opts.tenant}.yaml"
+    return BASELINE
+
+
+def open_trail(opts: argparse.Namespace, policy: Policy, tenant: str) -> AuditWriter:
+    """--audit-log, else the policy's audit.path, else /var/log/gateway/<tenant>.jsonl: never nowhere."""
+    path = opts.audit_log or policy.audit_path  # None: the writer takes default_audit_path(tenant)
+    console = None
+    if opts.console:
+        from gateway.audit.console import start_console_renderer
+
+        console = start_console_renderer()
+    return AuditWriter.open(
+        path,
+        tenant=tenant,
+        policy_hash=policy.hash,
+        sync=opts.audit_sync,
+        syslog=opts.audit_syslog,
+        console=console,
+    )
+
+
+def policy_reloader(policy_path: Path) -> tuple[Callable[[], Policy], int]:
+    """A reader of the policy file through its directory's fd: after chroot the path means nothing,
+    the fd still names the host's directory (and Landlock grants reading beneath it)."""
+    dir_fd = os.open(policy_path.parent.resolve(), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    name = policy_path.name
+    source = str(policy_path)
+
+    def reload() -> Policy:
+        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+        with os.fdopen(fd, "rb") as f:
+            raw = f.read()
+        return load_policy_text(raw.decode("utf-8"), source)
+
+    return reload, dir_fd
+
+
 def run(argv: list[str], prog: str = "gateway serve") -> int:
     try:
         opts = parse_options(argv, prog)
@@ -198,8 +263,18 @@ def run(argv: list[str], prog: str = "gateway serve") -> int:
         if exc.show_usage:
             print(USAGE.format(prog=prog), end="", file=sys.stderr)
         return exc.status
-    if opts.policy is not None and not os.path.isfile(opts.policy):
-        print(f"policy file {opts.policy!r} not found", file=sys.stderr)
+    try:
+        policy_path = policy_location(opts)
+        policy = load_policy(policy_path)
+    except (OSError, PolicyError) as exc:
+        # An invalid policy is never served: refuse to start, naming every problem (file:line: field).
+        print(f"{prog}: refusing to serve: {exc}", file=sys.stderr)
+        return 1
+    tenant = opts.tenant or policy.tenant
+    try:
+        trail = open_trail(opts, policy, tenant)
+    except (OSError, ValueError) as exc:
+        print(f"{prog}: refusing to serve without an audit trail: {exc}", file=sys.stderr)
         return 1
 
     if not opts.nodaemon:
@@ -214,25 +289,51 @@ def run(argv: list[str], prog: str = "gateway serve") -> int:
         )
     except SocketExists as exc:
         log.critical("%s", exc)  # the reference exits with status 0 here
+        trail.lifecycle("stop", reason=str(exc))
         return 0
     except OSError as exc:
         log.critical("%s", exc)
+        trail.lifecycle("stop", reason=str(exc))
         return 1
 
+    # Everything the server will need is opened now, before the chroot and the filter.
     export = os.path.abspath(opts.path)
     root_fd = os.open(export, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     proc_fd = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     executor = Executor(root_fd, proc_fd, getversion_supported=getversion_supported(root_fd))
-    server = Server(sock, executor)
+    server = Server(sock, executor, policy, trail)
+    server.reloader, policy_dir_fd = policy_reloader(policy_path)
+    signal.signal(signal.SIGHUP, lambda *_: server.request_reload())
+    signal.signal(signal.SIGUSR1, lambda *_: trail.reopen())
+    grants = [
+        (trail.dirfd, landlock.AUDIT_DIR, os.path.dirname(trail.path)),
+        (policy_dir_fd, landlock.READ_ONLY, str(policy_path.parent)),
+    ]
     if opts.seccomp == "none":
         log.warning("WARNING: --seccomp none: the gateway serves WITHOUT its system-call filter")
     try:
         os.umask(0)
-        state = confine(SandboxConfig(export, seccomp=opts.seccomp, landlock=opts.landlock), root_fd)
+        state = confine(
+            SandboxConfig(export, seccomp=opts.seccomp, landlock=opts.landlock, grants=grants), root_fd
+        )
     except OSError as exc:
         log.critical("confinement failed: %s", exc)
+        trail.lifecycle("stop", reason=f"confinement failed: {exc}")
         return 1
-    log.info("serving %s (%s)", export, state.as_dict())
+    trail.lifecycle(
+        "start", version=__version__, export=export, policy_source=str(policy_path), sandbox=state.as_dict()
+    )
+    trail.lifecycle(
+        "policy-load", source=str(policy_path), rules=len(policy.rules), enforcement=policy.enforcement
+    )
+    log.info("serving %s with policy %s (%s)", export, policy_path, state.as_dict())
     stats = server.serve()
+    if stats.end == "client closed the connection":
+        trail.lifecycle("client-gone", requests=stats.requests)
+    trail.lifecycle(
+        "stop", reason=stats.end, requests=stats.requests, denied=stats.denied, malformed=stats.malformed,
+        unknown=stats.unknown,
+    )  # fmt: skip
+    trail.close()
     log.info("Done: %s after %d requests", stats.end, stats.requests)
     return 0

@@ -1,4 +1,6 @@
-"""The request loop that joins the pipeline: socket bytes -> protocol -> executor -> reply bytes.
+"""The request loop that joins the pipeline:
+
+    socket bytes -> protocol -> request -> rules (decide) -> executor (only if allowed) -> audit -> reply
 
 Single-threaded on purpose: the executor switches fs ids per request (setfsuid is per thread) and a
 request is recorded before its reply is sent, so one request is in flight at a time, as QEMU sends them.
@@ -11,30 +13,149 @@ import errno
 import logging
 import os
 import socket
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from gateway import protocol as p
+from gateway.canonical import Canonicalizer
 from gateway.executor import Executor, Result
+from gateway.names import errno_name
+from gateway.rules import Decision, Policy, decide
+
+if TYPE_CHECKING:
+    from gateway.audit import AuditWriter
 
 log = logging.getLogger("gateway.server")
 
 _RECV_SIZE = 1 << 18
 
 
+# Which requests follow a final symlink (as the reference's calls do): the rules must see its target.
+_FOLLOWING = frozenset(
+    {p.RequestType.CHMOD, p.RequestType.TRUNCATE, p.RequestType.STATFS, p.RequestType.GETVERSION}
+)
+_MAY_FOLLOW = frozenset({p.RequestType.OPEN, p.RequestType.CREATE})  # unless O_NOFOLLOW
+
+
 @dataclass
 class ServeStats:
     requests: int = 0
+    denied: int = 0
     malformed: int = 0
     unknown: int = 0
     end: str = ""
 
 
 class Server:
-    def __init__(self, sock: socket.socket, executor: Executor) -> None:
+    def __init__(
+        self, sock: socket.socket, executor: Executor, policy: Policy, audit: AuditWriter | None = None
+    ) -> None:
         self.sock = sock
         self.executor = executor
+        self.audit = audit
         self.decoder = p.Decoder()
         self.stats = ServeStats()
+        self.canonical = Canonicalizer(executor.root_fd, executor.proc_fd)
+        self.policy = policy
+        self.set_policy(policy)
+        self.reloader: Callable[[], Policy] | None = None  # reads and compiles the policy anew
+        self._busy = False
+        self._reload_pending = False
+
+    def set_policy(self, policy: Policy) -> None:
+        """Swap the policy in force (called between two requests)."""
+        self.policy = policy
+        # Canonicalising costs an openat2 and a readlink; a policy without path conditions needs none.
+        self._paths_matter = any(r.paths is not None or r.except_ is not None for r in policy.rules)
+        if self.audit is not None:
+            self.audit.set_policy(policy.hash)
+
+    def request_reload(self) -> None:
+        """SIGHUP: reload the policy between two requests (now, if none is being handled)."""
+        if self._busy:
+            self._reload_pending = True
+        else:
+            self.reload()
+
+    def reload(self) -> bool:
+        """Read, validate and compile the policy off to the side, then swap it in. An invalid policy is
+        refused with a record naming the error, and the one in force stays in force."""
+        self._reload_pending = False
+        if self.reloader is None:
+            return False
+        old = self.policy
+        try:
+            new = self.reloader()
+        except Exception as exc:  # PolicyError, OSError, anything: the old policy must survive it
+            log.error("policy reload refused, %s stays in force: %s", old.hash[:16], exc)
+            if self.audit is not None:
+                self.audit.lifecycle(
+                    "policy-reload", result="refused", error=str(exc), old=old.hash, new=None, kept=old.hash
+                )
+            return False
+        self.set_policy(new)
+        log.info("policy reloaded: %s -> %s", old.hash[:16], new.hash[:16])
+        if self.audit is not None:
+            self.audit.lifecycle("policy-reload", result="ok", old=old.hash, new=new.hash, source=new.source)
+        return True
+
+    # -- one request ----------------------------------------------------------------------------------
+
+    def lookup(self, path: str) -> os.stat_result | None:
+        """The object's attributes as it is now, for rules on owner/type/mode (asked only when needed)."""
+        return self.canonical.stat(os.fsencode(path))
+
+    def _as_decided(self, request: p.Request) -> p.Request:
+        """The request with the paths it will really touch (symlinked directories resolved beneath the
+        export), so that a rule on /home/alice/** is not fooled by /home/alice/link -> /etc."""
+        if not self._paths_matter:
+            return request
+        t = request.type
+        follow = t in _FOLLOWING or (t in _MAY_FOLLOW and not request.flags & os.O_NOFOLLOW)  # type: ignore[union-attr]
+        path = self.canonical.path(request.path, follow=follow)
+        if t is p.RequestType.RENAME or t is p.RequestType.LINK:
+            path2 = self.canonical.path(request.path2, follow=False)  # type: ignore[union-attr]
+            if path != request.path or path2 != request.path2:  # type: ignore[union-attr]
+                return replace(request, path=path, path2=path2)  # type: ignore[call-arg]
+            return request
+        return request if path == request.path else replace(request, path=path)
+
+    def handle(self, request: p.Request) -> Result:
+        """Decide, perform only if allowed, record (before the reply), return what to reply."""
+        start = time.perf_counter_ns()
+        decided = self._as_decided(request)
+        decision: Decision = decide(decided, self.policy, self.lookup)
+        if decision.outcome == "deny":
+            self.stats.denied += 1
+            result = Result(decision.errno)
+        else:
+            result = self.executor.perform(request)
+        if self.audit is not None:
+            extra = {}
+            if decided is not request:
+                extra["resolved"] = os.fsdecode(decided.path)
+                if request.type is p.RequestType.RENAME or request.type is p.RequestType.LINK:
+                    extra["resolved2"] = os.fsdecode(decided.path2)  # type: ignore[union-attr]
+            try:
+                self.audit.request(
+                    request,
+                    decision=decision.outcome,
+                    rule=decision.rule,
+                    reason=decision.reason,
+                    result=errno_name(result.errno) if result.errno else "ok",
+                    us=(time.perf_counter_ns() - start) / 1000,
+                    **extra,
+                )
+            except OSError as exc:
+                # Fail closed: a reply the trail lacks must not be sent. The request may have been
+                # performed; the guest is told it failed, and the log says why.
+                log.error("audit record not written (%s): answering EIO", exc)
+                if result.fd is not None:
+                    os.close(result.fd)
+                return Result(errno.EIO)
+        return result
 
     def serve(self) -> ServeStats:
         """Serve until the client goes away or the stream can no longer be framed; never raises for
@@ -42,15 +163,19 @@ class Server:
         sock = self.sock
         decoder = self.decoder
         stats = self.stats
+        # One receive buffer for the connection's life: sock.recv(_RECV_SIZE) would allocate (mmap) and
+        # free (munmap) a 256 KiB bytes object per request, which cost more than the request itself.
+        rbuf = bytearray(_RECV_SIZE)
+        rview = memoryview(rbuf)
         while True:
             event = decoder.next_event()
             if isinstance(event, p.NeedData):
                 try:
-                    data = sock.recv(_RECV_SIZE)
+                    n = sock.recv_into(rbuf)
                 except OSError as exc:
                     stats.end = f"read error: {exc.strerror}"
                     break
-                decoder.feed(data)  # b"" is EOF
+                decoder.feed(rview[:n])  # the decoder copies; 0 bytes is EOF
                 continue
             if isinstance(event, p.Closed):
                 stats.end = "client closed the connection"
@@ -58,23 +183,37 @@ class Server:
             if isinstance(event, p.Fatal):
                 stats.end = f"protocol error: {event.reason}"
                 log.warning("closing the connection: %s", event.reason)
+                if self.audit is not None:
+                    self.audit.lifecycle("protocol-error", reason=event.reason, result="connection closed")
                 break
             try:
                 if isinstance(event, p.Malformed):
                     stats.malformed += 1
                     log.warning("%s payload too short (%d bytes): ENOBUFS", event.rtype.name, event.size)
+                    self.record_protocol_error(event.rtype, event.size, "payload too short", "ENOBUFS")
                     sock.sendall(p.encode_error(event.rtype, errno.ENOBUFS))
                 elif isinstance(event, p.Unknown):
                     stats.unknown += 1
                     log.warning("unknown request type %d (%d bytes): EOPNOTSUPP", event.rtype, event.size)
+                    self.record_protocol_error(event.rtype, event.size, "unknown request type", "EOPNOTSUPP")
                     sock.sendall(p.encode_status(errno.EOPNOTSUPP))
                 else:
                     stats.requests += 1
-                    self.reply(event, self.executor.perform(event))
+                    self._busy = True
+                    try:
+                        self.reply(event, self.handle(event))
+                    finally:
+                        self._busy = False
+                    if self._reload_pending:
+                        self.reload()
             except OSError as exc:
                 stats.end = f"write error: {exc.strerror}"
                 break
         return stats
+
+    def record_protocol_error(self, rtype: int, size: int, reason: str, answer: str) -> None:
+        if self.audit is not None:
+            self.audit.lifecycle("protocol-error", type=rtype, size=size, reason=reason, result=answer)
 
     def reply(self, request: p.Request, result: Result) -> None:
         shape = p.reply_shape(request.type)
@@ -87,6 +226,17 @@ class Server:
                     [p.encode_fd_reply(0)],
                     [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [result.fd]))],
                 )
+            except OSError as exc:
+                if exc.errno != errno.ETOOMANYREFS:
+                    raise
+                # Too many fds in flight: a client that pipelines OPENs without reading the replies has
+                # more of our fds queued than our RLIMIT_NOFILE, and the kernel refuses this one. Nothing
+                # was sent, so answer this request with an error (EMFILE: the open(2) errno closest to
+                # "out of descriptors") instead of ending the session as a write error.
+                log.warning("%s: fd not sent (%s): EMFILE", request.type.name, exc.strerror)
+                if self.audit is not None:
+                    self.audit.lifecycle("reply-changed", op=request.type.name.lower(), result="EMFILE")
+                self.sock.sendall(p.encode_fd_reply(errno.EMFILE))
             finally:
                 os.close(result.fd)
         elif shape is p.ReplyShape.STATUS or result.errno:

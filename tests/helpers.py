@@ -15,8 +15,19 @@ from pathlib import Path
 from gateway.client import Client
 
 REFERENCE = "/usr/lib/qemu/virtfs-proxy-helper"
+ROOT = Path(__file__).resolve().parent.parent
+ALLOW_ALL = str(ROOT / "policies" / "allow-all.yaml")
 # GATEWAY_CMD overrides how the gateway is started (e.g. under strace to list the syscalls it makes).
+# allow-all: these tests hold the gateway to the reference's behaviour; policy tests pass their own.
 GATEWAY = os.environ.get("GATEWAY_CMD", "").split() or [sys.executable, "-m", "gateway", "serve"]
+GATEWAY = [*GATEWAY, "--policy", ALLOW_ALL]
+
+
+def trail_args(export: Path, extra: list[str] | None = None) -> list[str]:
+    """Each test gateway writes its own trail beside its export (unless the test chose one)."""
+    if extra and "--audit-log" in extra:
+        return []
+    return ["--audit-log", f"{export}.audit.jsonl"]
 
 
 def require_root() -> None:
@@ -52,7 +63,16 @@ def over_socketpair(
     ours, theirs = socket.socketpair()
     ours.settimeout(timeout)
     proc = subprocess.Popen(
-        [*cmd, "-p", str(export), "-f", str(theirs.fileno()), "-n", *(extra or [])],
+        [
+            *cmd,
+            "-p",
+            str(export),
+            "-f",
+            str(theirs.fileno()),
+            "-n",
+            *(extra or []),
+            *gateway_only(cmd, export, extra),
+        ],
         pass_fds=[theirs.fileno()],
         stderr=subprocess.PIPE,
     )
@@ -69,6 +89,10 @@ def over_socketpair(
             proc.wait()
         if proc.stderr:
             proc.stderr.close()
+
+
+def gateway_only(cmd: list[str], export: Path, extra: list[str] | None) -> list[str]:
+    return trail_args(export, extra) if cmd[: len(GATEWAY)] == GATEWAY else []
 
 
 def wait_listening(path: str, timeout: float = 10) -> None:

@@ -20,6 +20,7 @@ from helpers import (
     over_socketpair,
     require_reference,
     require_root,
+    trail_args,
     wait_listening,
 )
 
@@ -183,7 +184,19 @@ def test_exits_cleanly_when_the_client_goes_away(export: Path) -> None:
 
 def _serve_named(sock_path: Path, export: Path, uid: int = 1234, gid: int = 4321) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
-        [*GATEWAY, "-p", str(export), "-s", str(sock_path), "-u", str(uid), "-g", str(gid), "-n"],
+        [
+            *GATEWAY,
+            "-p",
+            str(export),
+            "-s",
+            str(sock_path),
+            "-u",
+            str(uid),
+            "-g",
+            str(gid),
+            "-n",
+            *trail_args(export),
+        ],
         stderr=subprocess.PIPE,
     )
     wait_listening(str(sock_path))
@@ -222,7 +235,7 @@ def test_existing_socket_path_is_refused_with_status_0(tmp_path: Path, export: P
     sock_path = tmp_path / "taken"
     sock_path.write_text("")
     result = subprocess.run(
-        [*GATEWAY, "-p", str(export), "-s", str(sock_path), "-u", "0", "-g", "0", "-n"],
+        [*GATEWAY, "-p", str(export), "-s", str(sock_path), "-u", "0", "-g", "0", "-n", *trail_args(export)],
         capture_output=True,
         timeout=20,
     )
@@ -234,7 +247,7 @@ def test_daemon_mode_detaches_and_serves(tmp_path: Path, export: Path) -> None:
     require_root()
     sock_path = tmp_path / "daemon.sock"
     result = subprocess.run(
-        [*GATEWAY, "-p", str(export), "-s", str(sock_path), "-u", "0", "-g", "0"],
+        [*GATEWAY, "-p", str(export), "-s", str(sock_path), "-u", "0", "-g", "0", *trail_args(export)],
         capture_output=True,
         timeout=20,
     )

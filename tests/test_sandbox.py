@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import GATEWAY, over_socketpair, require_root, status_of, wait_listening
+from helpers import GATEWAY, over_socketpair, require_root, status_of, trail_args, wait_listening
 
 from gateway.client import Client
 from gateway.inspect import inspect_pid
@@ -55,7 +55,9 @@ def test_running_gateway_over_socketpair_is_confined(export: Path) -> None:
 def test_running_gateway_on_named_socket_is_confined(export: Path, tmp_path: Path) -> None:
     require_root()
     sock = tmp_path / "s.sock"
-    proc = subprocess.Popen([*GATEWAY, "-p", str(export), "-s", str(sock), "-u", "0", "-g", "0", "-n"])
+    proc = subprocess.Popen(
+        [*GATEWAY, "-p", str(export), "-s", str(sock), "-u", "0", "-g", "0", "-n", *trail_args(export)]
+    )
     try:
         wait_listening(str(sock))
         with Client.connect(str(sock), timeout=10) as c:
@@ -164,7 +166,9 @@ def test_landlock_stops_a_direct_open_outside_the_export(export: Path) -> None:
 @pytest.fixture
 def named_gateway(export: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Client]]:
     sock = tmp_path / "g.sock"
-    proc = subprocess.Popen([*GATEWAY, "-p", str(export), "-s", str(sock), "-u", "0", "-g", "0", "-n"])
+    proc = subprocess.Popen(
+        [*GATEWAY, "-p", str(export), "-s", str(sock), "-u", "0", "-g", "0", "-n", *trail_args(export)]
+    )
     wait_listening(str(sock))
     client = Client.connect(str(sock), timeout=10)
     yield proc, client

@@ -426,6 +426,11 @@ class AuditWriter:
         return 0 if self._syslog is None else self._syslog.dropped + self._syslog.errors
 
     @property
+    def dirfd(self) -> int:
+        """The O_PATH fd of the trail's directory (the sandbox grants Landlock access beneath it)."""
+        return self._dirfd
+
+    @property
     def fileno(self) -> int:
         return self._fd
 

@@ -46,7 +46,18 @@ FETCH_HINT = "run `scripts/fetch-guest-kernel.sh` (as root, on Debian 12, after 
 REFERENCE_HELPER: list[str] = ["/usr/lib/qemu/virtfs-proxy-helper"]
 # The gateway is started exactly like the reference, with the same options after `serve`. cwd is the repo
 # (see _start_helper), so `-m gateway` finds the package even when it is not installed.
-GATEWAY_HELPER: list[str] = [sys.executable, "-m", "gateway", "serve"]
+# allow-all: these tests compare the gateway with the reference, which has no policy. Policy denials
+# inside a guest are tested by passing a policy of their own.
+ALLOW_ALL = str(Path(__file__).resolve().parents[2] / "policies" / "allow-all.yaml")
+GATEWAY_HELPER: list[str] = [sys.executable, "-m", "gateway", "serve", "--policy", ALLOW_ALL]
+
+
+def _trail_args(helper_cmd: Sequence[str], tmpdir: Path) -> list[str]:
+    """A gateway run gets its own audit trail in the run's directory (unless the caller chose one)."""
+    if "gateway" in " ".join(helper_cmd) and "--audit-log" not in helper_cmd:
+        return ["--audit-log", str(tmpdir / "audit.jsonl")]
+    return []
+
 
 QEMU = "qemu-system-x86_64"
 BUSYBOX = Path("/bin/busybox")
@@ -75,7 +86,7 @@ def _is_static_elf(path: Path) -> bool:
         head = f.read(64)
         if head[:4] != b"\x7fELF" or head[4] != 2:  # 64-bit ELF only: the guest is x86-64
             return False
-        e_phoff, = struct.unpack_from("<Q", head, 0x20)
+        (e_phoff,) = struct.unpack_from("<Q", head, 0x20)
         e_phentsize, e_phnum = struct.unpack_from("<HH", head, 0x36)
         f.seek(e_phoff)
         table = f.read(e_phentsize * e_phnum)
@@ -139,10 +150,19 @@ class CpioWriter:
     def _entry(self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)) -> None:
         name_bytes = name.encode() + b"\0"
         fields = (
-            self._ino, mode, 0, 0,  # ino, mode, uid, gid
-            1, 0, len(data),  # nlink, mtime (0: reproducible archives), filesize
-            0, 0, rdev[0], rdev[1],  # devmajor, devminor, rdevmajor, rdevminor
-            len(name_bytes), 0,  # namesize (with its NUL), check
+            self._ino,
+            mode,
+            0,
+            0,  # ino, mode, uid, gid
+            1,
+            0,
+            len(data),  # nlink, mtime (0: reproducible archives), filesize
+            0,
+            0,
+            rdev[0],
+            rdev[1],  # devmajor, devminor, rdevmajor, rdevminor
+            len(name_bytes),
+            0,  # namesize (with its NUL), check
         )
         self._ino += 1
         header = b"070701" + b"".join(b"%08X" % v for v in fields)
@@ -349,9 +369,7 @@ class GuestResult:
         """Fail unless the guest finished, every step passed and every expected step appeared."""
         missing = [n for n in expected_steps if n not in self.steps]
         if not self.done or self.failed or missing:
-            raise AssertionError(
-                (f"steps never reported: {missing}\n" if missing else "") + self.describe()
-            )
+            raise AssertionError((f"steps never reported: {missing}\n" if missing else "") + self.describe())
 
 
 def parse_console(console: str) -> dict[str, Step]:
@@ -376,9 +394,26 @@ def parse_console(console: str) -> dict[str, Step]:
 # Kept independent of the gateway package on purpose (the harness must judge the gateway, not share code).
 
 REQUEST_NAMES: dict[int, str] = {
-    2: "OPEN", 3: "CREATE", 4: "MKNOD", 5: "MKDIR", 6: "SYMLINK", 7: "LINK", 8: "LSTAT", 9: "READLINK",
-    10: "STATFS", 11: "CHMOD", 12: "CHOWN", 13: "TRUNCATE", 14: "UTIME", 15: "RENAME", 16: "REMOVE",
-    17: "LGETXATTR", 18: "LLISTXATTR", 19: "LSETXATTR", 20: "LREMOVEXATTR", 21: "GETVERSION",
+    2: "OPEN",
+    3: "CREATE",
+    4: "MKNOD",
+    5: "MKDIR",
+    6: "SYMLINK",
+    7: "LINK",
+    8: "LSTAT",
+    9: "READLINK",
+    10: "STATFS",
+    11: "CHMOD",
+    12: "CHOWN",
+    13: "TRUNCATE",
+    14: "UTIME",
+    15: "RENAME",
+    16: "REMOVE",
+    17: "LGETXATTR",
+    18: "LLISTXATTR",
+    19: "LSETXATTR",
+    20: "LREMOVEXATTR",
+    21: "GETVERSION",
 }
 _FRAME_HEADER = struct.Struct("=II")  # native order, as QEMU writes it
 
@@ -443,6 +478,7 @@ class _Relay(threading.Thread):
                     for fd in fds:  # our copies; the receiver has its own now
                         os.close(fd)
 
+
 # --------------------------------------------------------------------------------------------------------
 # Running
 
@@ -481,17 +517,26 @@ def qemu_command(kernel: Path, initrd: Path, fsdev: str, memory_mb: int = 512) -
     # -nic none skips the iPXE option ROM; -no-reboot + panic=-1 turn a guest panic into a QEMU exit.
     return [
         QEMU,
-        "-accel", "tcg",
-        "-m", str(memory_mb),
-        "-smp", "1",
+        "-accel",
+        "tcg",
+        "-m",
+        str(memory_mb),
+        "-smp",
+        "1",
         "-nographic",
         "-no-reboot",
-        "-nic", "none",
-        "-kernel", str(kernel),
-        "-initrd", str(initrd),
-        "-append", "console=ttyS0 panic=-1 quiet",
-        "-fsdev", fsdev,
-        "-device", "virtio-9p-pci,fsdev=fs0,mount_tag=share",
+        "-nic",
+        "none",
+        "-kernel",
+        str(kernel),
+        "-initrd",
+        str(initrd),
+        "-append",
+        "console=ttyS0 panic=-1 quiet",
+        "-fsdev",
+        fsdev,
+        "-device",
+        "virtio-9p-pci,fsdev=fs0,mount_tag=share",
     ]
 
 
@@ -540,6 +585,7 @@ def run_guest(
                 if mode == "s":
                     sock_path = str(tmpdir / "proxy.sock")
                     helper_args = ["-p", export, "-s", sock_path, "-u", "0", "-g", "0", "-n"]
+                    helper_args += _trail_args(helper_cmd, tmpdir)
                     helper = _start_helper(helper_cmd, helper_args, helper_log, (), helper_env)
                     _wait_listening(sock_path, helper, helper_log_path)
                     if trace:
@@ -553,6 +599,7 @@ def run_guest(
                     child_end, helper_conn = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
                     socks += [child_end, helper_conn]
                     helper_args = ["-p", export, "-f", str(child_end.fileno()), "-n"]
+                    helper_args += _trail_args(helper_cmd, tmpdir)
                     helper = _start_helper(
                         helper_cmd, helper_args, helper_log, (child_end.fileno(),), helper_env
                     )
@@ -664,9 +711,34 @@ def _wait_listening(sock_path: str, helper: subprocess.Popen[bytes], log_path: P
 
 # Every step full.sh reports (mount/umount come from init.sh).
 FULL_STEPS: tuple[str, ...] = (
-    "mount", "write", "read", "stat", "mkdir", "rmdir", "readdir", "chmod", "chmod_setuid", "chmod_setgid",
-    "chown", "user_dir", "user_create", "user_mkdir", "symlink", "readlink", "hardlink", "rename", "unlink",
-    "mkfifo", "mknod", "truncate", "utime", "xattr_set", "xattr_get", "xattr_list", "xattr_remove", "statfs",
+    "mount",
+    "write",
+    "read",
+    "stat",
+    "mkdir",
+    "rmdir",
+    "readdir",
+    "chmod",
+    "chmod_setuid",
+    "chmod_setgid",
+    "chown",
+    "user_dir",
+    "user_create",
+    "user_mkdir",
+    "symlink",
+    "readlink",
+    "hardlink",
+    "rename",
+    "unlink",
+    "mkfifo",
+    "mknod",
+    "truncate",
+    "utime",
+    "xattr_set",
+    "xattr_get",
+    "xattr_list",
+    "xattr_remove",
+    "statfs",
     "umount",
 )
 
