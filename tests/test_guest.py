@@ -10,6 +10,7 @@ tests fail and say to run scripts/fetch-guest-kernel.sh.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -126,3 +127,33 @@ def test_cpio_writer_layout() -> None:
     assert len(data) % 4 == 0
     assert b"TRAILER!!!\0" in data
     assert b"a/b\0" in data and b"xyz" in data
+
+
+POLICY_SNIPPET = """
+step touch eval 'echo x >"$M/f"'
+expect_fail denied_mknod mknod "$M/sda" b 8 0
+expect_fail denied_setuid chmod u+s "$M/f"
+step allowed_chmod chmod 0750 "$M/f"
+"""
+
+
+@pytest.mark.guest
+@pytest.mark.root
+def test_policy_denials_are_errors_in_the_guest_shell(export: Path, tmp_path: Path) -> None:
+    """The built-in baseline policy: a device node and a setuid bit are refused, and the guest's own shell
+    sees the errors; the export on the host is untouched by them."""
+    helper_cmd = [*harness.GATEWAY_HELPER[: harness.GATEWAY_HELPER.index("--policy")]]
+    helper_cmd += ["--audit-log", str(tmp_path / "trail.jsonl")]
+    _require(helper_cmd)
+    result = harness.run_guest(helper_cmd, "s", export, script=POLICY_SNIPPET)
+    try:
+        result.assert_ok(["mount", "touch", "denied_mknod", "denied_setuid", "allowed_chmod", "umount"])
+    except AssertionError as e:
+        pytest.fail(f"guest run failed:\n{e}", pytrace=False)
+    for step in ("denied_mknod", "denied_setuid"):  # EPERM, the baseline's errno, as the shell prints it
+        assert "operation not permitted" in result.steps[step].detail.lower(), result.describe(20)
+    assert not (export / "sda").exists()
+    assert os.stat(export / "f").st_mode & 0o7777 == 0o750
+    records = [json.loads(line) for line in (tmp_path / "trail.jsonl").read_text().splitlines()]
+    denied = {(r["op"], r["rule"]) for r in records if r.get("decision") == "deny"}
+    assert ("mknod", "no-device-nodes") in denied and ("chmod", "no-setid-bits") in denied

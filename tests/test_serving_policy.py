@@ -1,0 +1,317 @@
+"""The pipeline end to end with a real gateway: policies enforced (the file untouched, the errno in the
+reply), the trail written before each reply (kill -9 mid-load), rotation on SIGUSR1, reload on SIGHUP,
+and `gateway check --replay` over a trail the gateway itself wrote."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from helpers import ROOT, over_socketpair, require_root
+
+from gateway import protocol as p
+from gateway.client import ProtocolClosed
+
+SERVE = [sys.executable, "-m", "gateway", "serve"]
+BASELINE = str(ROOT / "policies" / "baseline.yaml")
+
+
+@pytest.fixture
+def export(tmp_path: Path) -> Path:
+    root = tmp_path / "export"
+    (root / "home" / "alice").mkdir(parents=True)
+    (root / "etc").mkdir()
+    (root / "etc" / "passwd").write_text("root:x:0:0\n")
+    (root / "home" / "alice" / "script").write_text("#!/bin/sh\n")
+    os.chmod(root / "home" / "alice" / "script", 0o755)
+    os.symlink("/etc", root / "home" / "alice" / "etc-link")
+    return root
+
+
+def _records(trail: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in trail.read_text().splitlines() if line.strip()]
+
+
+def _serve(export: Path, trail: Path, *extra: str) -> object:
+    return over_socketpair(SERVE, export, extra=["--audit-log", str(trail), *extra])
+
+
+POLICY = """\
+version: 1
+tenant: t1
+default: allow
+rules:
+  - id: etc-read-only
+    effect: deny
+    ops: [write]
+    paths: ["/etc/**"]
+    errno: EROFS
+  - id: no-setid
+    effect: deny
+    ops: [chmod, CREATE, mkdir, mknod]
+    when: {mode_any: [setuid, setgid]}
+    errno: EPERM
+  - id: no-devices
+    effect: deny
+    ops: [mknod]
+    when: {type: [chr, blk]}
+    errno: EPERM
+"""
+
+
+def test_denied_requests_are_not_performed_and_carry_the_rules_errno(export: Path, tmp_path: Path) -> None:
+    require_root()
+    policy = tmp_path / "p.yaml"
+    policy.write_text(POLICY)
+    trail = tmp_path / "trail.jsonl"
+    before = (export / "etc" / "passwd").read_bytes(), os.stat(export / "etc" / "passwd").st_mtime_ns
+    with _serve(export, trail, "--policy", str(policy)) as gw:
+        c = gw.client
+        assert c.call(p.Open(b"/etc/passwd", os.O_RDWR | os.O_TRUNC)).errno == errno.EROFS
+        assert c.call(p.Truncate(b"/etc/passwd", 0)).errno == errno.EROFS
+        assert c.call(p.Chmod(b"/home/alice/script", 0o4755)).errno == errno.EPERM
+        assert (
+            c.call(p.Mknod(0, 0, b"/home/alice/sda", stat.S_IFBLK | 0o600, os.makedev(8, 0))).errno
+            == errno.EPERM
+        )
+        # The lexical path is in /home, the real one in /etc: decided on what it would touch.
+        assert c.call(p.Open(b"/home/alice/etc-link/passwd", os.O_WRONLY)).errno == errno.EROFS
+        assert c.call(p.Rename(b"/etc/passwd", b"/home/alice/stolen")).errno == errno.EROFS
+        # What is allowed still works, reads of /etc included.
+        fd = c.open(b"/etc/passwd", os.O_RDONLY)
+        assert os.read(fd, 100) == b"root:x:0:0\n"
+        os.close(fd)
+        c.chmod(b"/home/alice/script", 0o750)
+    assert (
+        (export / "etc" / "passwd").read_bytes(),
+        os.stat(export / "etc" / "passwd").st_mtime_ns,
+    ) == before
+    assert stat.S_IMODE(os.stat(export / "home" / "alice" / "script").st_mode) == 0o750
+    assert (
+        not (export / "home" / "alice" / "sda").exists()
+        and not (export / "home" / "alice" / "stolen").exists()
+    )
+    requests = [r for r in _records(trail) if r["event"] == "request"]
+    denied = [(r["op"], r["rule"], r["result"]) for r in requests if r["decision"] == "deny"]
+    assert denied == [
+        ("open", "etc-read-only", "EROFS"),
+        ("truncate", "etc-read-only", "EROFS"),
+        ("chmod", "no-setid", "EPERM"),
+        ("mknod", "no-devices", "EPERM"),
+        ("open", "etc-read-only", "EROFS"),
+        ("rename", "etc-read-only", "EROFS"),
+    ]
+    resolved = [r for r in requests if r.get("resolved")]
+    assert resolved and resolved[0]["path"] == "/home/alice/etc-link/passwd"
+    assert resolved[0]["resolved"] == "/etc/passwd"
+
+
+def test_permissive_records_would_deny_and_performs(export: Path, tmp_path: Path) -> None:
+    require_root()
+    policy = tmp_path / "p.yaml"
+    policy.write_text(
+        POLICY.replace("default: allow", "default: allow\nenforcement: permissive").replace(
+            "    errno: EPERM\n  - id: no-devices",
+            "    errno: EPERM\n    enforce: always\n  - id: no-devices",
+        )
+    )
+    trail = tmp_path / "trail.jsonl"
+    with _serve(export, trail, "--policy", str(policy)) as gw:
+        gw.client.truncate(b"/etc/passwd", 4)  # would-deny: performed
+        assert gw.client.call(p.Chmod(b"/home/alice/script", 0o4755)).errno == errno.EPERM  # always
+    assert (export / "etc" / "passwd").read_bytes() == b"root"
+    decisions = [(r["op"], r["decision"]) for r in _records(trail) if r["event"] == "request"]
+    assert decisions == [("truncate", "would-deny"), ("chmod", "deny")]
+
+
+def test_an_invalid_policy_is_never_served(export: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\ndefault: allow\nrules:\n  - id: x\n    effect: deny\n    ops: [wirte]\n")
+    ours, theirs = socket.socketpair()
+    out = subprocess.run(
+        [
+            *SERVE,
+            "-p",
+            str(export),
+            "-f",
+            str(theirs.fileno()),
+            "-n",
+            "--policy",
+            str(bad),
+            "--audit-log",
+            str(tmp_path / "t"),
+        ],
+        pass_fds=[theirs.fileno()],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    theirs.close()
+    assert out.returncode == 1
+    assert (
+        "bad.yaml:6: rules[0].ops" in out.stderr
+        and "wirte" in out.stderr
+        and "did you mean 'write'" in out.stderr
+    )
+    ours.settimeout(2)
+    assert ours.recv(10) == b""  # nothing served: the connection is closed unanswered
+    ours.close()
+
+
+def test_kill_9_mid_load_every_reply_has_its_record(export: Path, tmp_path: Path) -> None:
+    """A killed gateway never has sent a reply that the trail lacks."""
+    require_root()
+    trail = tmp_path / "trail.jsonl"
+    replied: list[tuple[str, int]] = []
+    with _serve(export, trail) as gw:
+        gw.client.lstat(b"/")
+        stop = threading.Event()
+
+        def load() -> None:
+            i = 0
+            try:
+                while not stop.is_set():
+                    name = f"/home/alice/f{i}".encode()
+                    gw.client.call(p.Mkdir(1000, 1000, name, 0o755))
+                    replied.append(("mkdir", i))
+                    gw.client.call(p.Lstat(name))
+                    replied.append(("lstat", i))
+                    i += 1
+            except (ProtocolClosed, OSError):
+                return
+
+        worker = threading.Thread(target=load)
+        worker.start()
+        time.sleep(0.7)
+        os.kill(gw.proc.pid, signal.SIGKILL)
+        worker.join(10)
+        stop.set()
+    assert len(replied) > 20
+    recorded = [(r["op"], r["path"]) for r in _records(trail) if r.get("event") == "request"]
+    for op, i in replied:
+        assert (op, f"/home/alice/f{i}") in recorded
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway", "audit", "--verify", str(trail)], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_a_torn_last_line_is_reported_as_such(export: Path, tmp_path: Path) -> None:
+    require_root()
+    trail = tmp_path / "trail.jsonl"
+    with _serve(export, trail) as gw:
+        gw.client.lstat(b"/")
+    data = trail.read_bytes()
+    trail.write_bytes(data[:-30])  # as if killed inside the last write
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway", "audit", "--verify", str(trail)], capture_output=True, text=True
+    )
+    assert out.returncode == 1
+    lines = data.count(b"\n")
+    assert "truncated last line" in out.stdout + out.stderr and f":{lines}" in out.stdout + out.stderr
+
+
+def test_sigusr1_rotation_keeps_the_chain(export: Path, tmp_path: Path) -> None:
+    require_root()
+    trail = tmp_path / "trail.jsonl"
+    with _serve(export, trail) as gw:
+        gw.client.lstat(b"/")
+        trail.rename(tmp_path / "trail.jsonl.1")  # what logrotate does
+        os.kill(gw.proc.pid, signal.SIGUSR1)
+        time.sleep(0.3)
+        gw.client.lstat(b"/etc")
+    old, new = _records(tmp_path / "trail.jsonl.1"), _records(trail)
+    assert new[0]["event"] == "reopen" and new[0]["rotated"] is True
+    assert any(r.get("path") == "/etc" for r in new)
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway", "audit", "--verify", str(tmp_path / "trail.jsonl.1"), str(trail)],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert old[-1]["seq"] + 1 == new[0]["seq"]
+
+
+def test_sighup_reload_swaps_valid_and_refuses_invalid(export: Path, tmp_path: Path) -> None:
+    require_root()
+    policy = tmp_path / "p.yaml"
+    policy.write_text("version: 1\ntenant: t\ndefault: allow\nrules: []\n")
+    trail = tmp_path / "trail.jsonl"
+    with _serve(export, trail, "--policy", str(policy)) as gw:
+        c = gw.client
+        c.truncate(b"/etc/passwd", 8)
+        policy.write_text(POLICY)  # now /etc is read-only
+        os.kill(gw.proc.pid, signal.SIGHUP)
+        time.sleep(0.5)
+        assert c.call(p.Truncate(b"/etc/passwd", 4)).errno == errno.EROFS
+        policy.write_text("version: 1\ndefault: allow\nrules:\n  - id: broken\n    effect: perhaps\n")
+        os.kill(gw.proc.pid, signal.SIGHUP)
+        time.sleep(0.5)
+        assert c.call(p.Truncate(b"/etc/passwd", 4)).errno == errno.EROFS  # the old one still in force
+        assert c.lstat(b"/etc/passwd").size == 8
+    reloads = [r for r in _records(trail) if r["event"] == "policy-reload"]
+    assert [r["result"] for r in reloads] == ["ok", "refused"]
+    assert reloads[0]["old"] != reloads[0]["new"]
+    assert "effect" in str(reloads[1]["error"]) and reloads[1]["kept"] == reloads[0]["new"]
+
+
+def test_replay_of_a_trail_the_gateway_wrote(export: Path, tmp_path: Path) -> None:
+    require_root()
+    trail = tmp_path / "trail.jsonl"
+    with _serve(export, trail, "--policy", BASELINE) as gw:  # baseline: /etc writable
+        gw.client.truncate(b"/etc/passwd", 4)
+        gw.client.lstat(b"/etc/passwd")
+        gw.client.chmod(b"/home/alice/script", 0o700)
+    stricter = tmp_path / "strict.yaml"
+    stricter.write_text(POLICY)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "check",
+            str(stricter),
+            "--replay",
+            str(trail),
+            "--format",
+            "json",
+            "--fail-on-change",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 1, out.stdout + out.stderr
+    report = json.loads(out.stdout)
+    text = json.dumps(report)
+    assert "etc-read-only" in text and "truncate" in text
+    same = subprocess.run(
+        [sys.executable, "-m", "gateway", "check", BASELINE, "--replay", str(trail), "--fail-on-change"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert same.returncode == 0, same.stdout + same.stderr
+
+
+def test_protocol_errors_are_recorded(export: Path, tmp_path: Path) -> None:
+    require_root()
+    trail = tmp_path / "trail.jsonl"
+    with _serve(export, trail) as gw:
+        gw.client.send_raw(p.HEADER.pack(p.RequestType.LSTAT, 0))
+        assert gw.client.read_reply(p.RequestType.LSTAT).errno == errno.ENOBUFS
+        gw.client.send_raw(p.HEADER.pack(77, 0))
+        assert gw.client.read_reply(77).errno == errno.EOPNOTSUPP
+    events = [r["event"] for r in _records(trail)]
+    assert events.count("protocol-error") == 2
+    assert events[0] == "start" and events[-2:] == ["client-gone", "stop"]
