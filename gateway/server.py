@@ -22,7 +22,8 @@ from gateway import protocol as p
 from gateway.canonical import Canonicalizer
 from gateway.executor import Executor, Result
 from gateway.names import errno_name
-from gateway.rules import Decision, Policy, decide
+from gateway.rules import Decision, ObjectAttrs, Policy, decide
+from gateway.tenancy import IdTranslator, RateLimiter, Refused, check_truncate
 
 if TYPE_CHECKING:
     from gateway.audit import AuditWriter
@@ -65,8 +66,14 @@ class Server:
         self._reload_pending = False
 
     def set_policy(self, policy: Policy) -> None:
-        """Swap the policy in force (called between two requests)."""
+        """Swap the policy in force (called between two requests), with its id map and limits."""
         self.policy = policy
+        ids = getattr(policy, "ids", None)
+        self.ids = IdTranslator(ids) if ids is not None else None
+        limits = getattr(policy, "limits", None)
+        rps = getattr(limits, "requests_per_second", None)
+        self.rate = RateLimiter(rps, getattr(limits, "burst", None) or int(rps)) if rps else None
+        self.truncate_max: int | None = getattr(limits, "truncate_max", None)
         # Canonicalising costs an openat2 and a readlink; a policy without path conditions needs none.
         self._paths_matter = any(r.paths is not None or r.except_ is not None for r in policy.rules)
         if self.audit is not None:
@@ -103,9 +110,13 @@ class Server:
 
     # -- one request ----------------------------------------------------------------------------------
 
-    def lookup(self, path: str) -> os.stat_result | None:
-        """The object's attributes as it is now, for rules on owner/type/mode (asked only when needed)."""
-        return self.canonical.stat(os.fsencode(path))
+    def lookup(self, path: str) -> os.stat_result | ObjectAttrs | None:
+        """The object's attributes as it is now, for rules on owner/type/mode (asked only when needed);
+        with an id map, its owner as the guest sees it, since the rules speak the guest's ids."""
+        st = self.canonical.stat(os.fsencode(path))
+        if st is None or self.ids is None:
+            return st
+        return self.ids.attrs_to_guest(st)
 
     def _as_decided(self, request: p.Request) -> p.Request:
         """The request with the paths it will really touch (symlinked directories resolved beneath the
@@ -123,17 +134,34 @@ class Server:
         return request if path == request.path else replace(request, path=path)
 
     def handle(self, request: p.Request) -> Result:
-        """Decide, perform only if allowed, record (before the reply), return what to reply."""
+        """Decide, check the tenant's limits and id map, perform only if allowed, record (before the
+        reply), return what to reply."""
+        if self.rate is not None:
+            self.rate.take()  # over the rate: the guest waits, nothing fails
         start = time.perf_counter_ns()
         decided = self._as_decided(request)
         decision: Decision = decide(decided, self.policy, self.lookup)
-        if decision.outcome == "deny":
-            self.stats.denied += 1
+        outcome, rule, reason = decision.outcome, decision.rule, decision.reason
+        extra: dict[str, object] = {}
+        if outcome == "deny":
             result = Result(decision.errno)
         else:
-            result = self.executor.perform(request)
+            try:
+                check_truncate(request, self.truncate_max)
+                performed = self.ids.to_host(request) if self.ids is not None else request
+            except Refused as refusal:  # limits and the id map hold even under enforcement: permissive
+                outcome, rule, reason = "deny", refusal.rule, refusal.reason
+                result = Result(refusal.errno)
+            else:
+                if performed is not request:
+                    extra["host_uid"] = performed.uid  # type: ignore[union-attr]
+                    extra["host_gid"] = performed.gid  # type: ignore[union-attr]
+                result = self.executor.perform(performed)
+                if self.ids is not None and request.type is p.RequestType.LSTAT and not result.errno:
+                    result.payload = self.ids.stat_payload_to_guest(result.payload)
+        if outcome == "deny":
+            self.stats.denied += 1
         if self.audit is not None:
-            extra = {}
             if decided is not request:
                 extra["resolved"] = os.fsdecode(decided.path)
                 if request.type is p.RequestType.RENAME or request.type is p.RequestType.LINK:
@@ -141,13 +169,15 @@ class Server:
             try:
                 self.audit.request(
                     request,
-                    decision=decision.outcome,
-                    rule=decision.rule,
-                    reason=decision.reason,
+                    decision=outcome,
+                    rule=rule,
+                    reason=reason,
                     result=errno_name(result.errno) if result.errno else "ok",
                     us=(time.perf_counter_ns() - start) / 1000,
                     **extra,
                 )
+                if self.rate is not None and (hits := self.rate.summary_due()) is not None:
+                    self.audit.lifecycle("limit", limit="rate", **hits)
             except OSError as exc:
                 # Fail closed: a reply the trail lacks must not be sent. The request may have been
                 # performed; the guest is told it failed, and the log says why.
