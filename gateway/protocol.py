@@ -16,6 +16,7 @@ from __future__ import annotations
 import enum
 import errno
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 HEADER = struct.Struct("<II")
@@ -306,6 +307,46 @@ def _unpack_fields(codes: str, buf: bytes | memoryview, pos: int, end: int) -> l
     return values
 
 
+_FIXED_CODES = {"d": "i", "u": "I", "q": "Q"}
+
+
+def _compile_parser(cls: type, codes: str) -> Callable[[bytearray, int, int], Request]:
+    """The decoder's parser for one layout: the same result as ``cls(*_unpack_fields(codes, buf, pos, end))``
+    (and ShortPayload in the same cases), without the per-field loop for the common shape, a path then
+    fixed-size fields (LSTAT, OPEN, CREATE, CHMOD, REMOVE, UTIME, ...). ``buf`` is the decoder's bytearray."""
+    if codes[0] != "p" or "p" in codes[1:] or "s" in codes[1:]:
+
+        def parse_generic(buf: bytearray, pos: int, end: int) -> Request:
+            return cls(*_unpack_fields(codes, buf, pos, end))  # type: ignore[no-any-return]
+
+        return parse_generic
+    tail = struct.Struct("<" + "".join(_FIXED_CODES[c] for c in codes[1:]))
+    tail_size = tail.size
+    unpack_tail = tail.unpack_from
+
+    def parse_path_then_fixed(buf: bytearray, pos: int, end: int) -> Request:
+        if pos + 2 > end:
+            raise ShortPayload
+        start = pos + 2
+        stop = start + (buf[pos] | buf[pos + 1] << 8)
+        if stop > end:
+            raise ShortPayload
+        nul = buf.find(0, start, stop)  # a NUL ends the path
+        path = bytes(buf[start : stop if nul < 0 else nul])
+        if tail_size == 0:
+            return cls(path)  # type: ignore[no-any-return]
+        if stop + tail_size > end:
+            raise ShortPayload
+        return cls(path, *unpack_tail(buf, stop))  # type: ignore[no-any-return]
+
+    return parse_path_then_fixed
+
+
+_PARSERS: dict[int, Callable[[bytearray, int, int], Request]] = {
+    int(rtype): _compile_parser(cls, codes) for rtype, (cls, codes) in LAYOUTS.items()
+}
+
+
 def decode_request(rtype: RequestType, payload: bytes | memoryview) -> Request:
     """Decode one payload of a known type; raises ShortPayload when it is too short."""
     cls, codes = LAYOUTS[rtype]
@@ -435,12 +476,11 @@ class Decoder:
         elif self._pos > 65536:
             del self._buf[: self._pos]
             self._pos = 0
-        layout = LAYOUTS.get(rtype)  # type: ignore[call-overload]
-        if layout is None:
+        parse = _PARSERS.get(rtype)
+        if parse is None:
             return Unknown(rtype, size)
-        cls, codes = layout
         try:
-            return cls(*_unpack_fields(codes, buf, start, end))
+            return parse(buf, start, end)
         except ShortPayload:
             return Malformed(RequestType(rtype), size)
 
@@ -458,9 +498,12 @@ def encode_fd_reply(errno_: int) -> bytes:
     return _I32.pack(FD_VALID if errno_ == 0 else -errno_)
 
 
+_STATUS_OK = HEADER.pack(T_SUCCESS, 4) + _I32.pack(0)
+
+
 def encode_status(errno_: int) -> bytes:
     if errno_ == 0:
-        return HEADER.pack(T_SUCCESS, 4) + _I32.pack(0)
+        return _STATUS_OK
     return HEADER.pack(T_ERROR, 4) + _I32.pack(-errno_)
 
 
@@ -478,17 +521,22 @@ def encode_error(rtype: int, errno_: int) -> bytes:
 
 
 def stat_payload(st: object) -> bytes:
-    """LSTAT payload from an os.stat_result (116 bytes: the reference packs it without padding)."""
+    """LSTAT payload from an os.stat_result (116 bytes: the reference packs it without padding).
+
+    A time before the epoch has a negative tv_sec (floor division keeps tv_nsec in 0..999999999, as a
+    timespec has it); the reference sends it as the u64 two's complement, and packing it unmasked raised
+    struct.error, which turned every LSTAT of such a file into EIO."""
     a_ns = st.st_atime_ns  # type: ignore[attr-defined]
     m_ns = st.st_mtime_ns  # type: ignore[attr-defined]
     c_ns = st.st_ctime_ns  # type: ignore[attr-defined]
+    u64 = 0xFFFFFFFFFFFFFFFF
     return _STAT.pack(
         st.st_dev, st.st_ino, st.st_nlink,  # type: ignore[attr-defined]
         st.st_mode, st.st_uid, st.st_gid,  # type: ignore[attr-defined]
         st.st_rdev, st.st_size, st.st_blksize, st.st_blocks,  # type: ignore[attr-defined]
-        a_ns // 1_000_000_000, a_ns % 1_000_000_000,
-        m_ns // 1_000_000_000, m_ns % 1_000_000_000,
-        c_ns // 1_000_000_000, c_ns % 1_000_000_000,
+        (a_ns // 1_000_000_000) & u64, a_ns % 1_000_000_000,
+        (m_ns // 1_000_000_000) & u64, m_ns % 1_000_000_000,
+        (c_ns // 1_000_000_000) & u64, c_ns % 1_000_000_000,
     )  # fmt: skip
 
 
