@@ -27,8 +27,9 @@ from rich.text import Text
 from gateway import names
 from gateway.rules import PolicyError, decide, load_policy, loader
 from gateway.rules import requests as reqs
+from gateway.rules.idmap import IdMap, IdRange
 from gateway.rules.lint import Finding, lint
-from gateway.rules.model import Decision, Policy
+from gateway.rules.model import Decision, Limits, Policy, format_size
 from gateway.rules.replay import ReplayReport, open_log, replay
 from gateway.rules.testing import TestResult, run_tests
 
@@ -132,6 +133,13 @@ def _test_dict(r: TestResult) -> dict[str, Any]:
             "failures": list(r.failures), "reason": r.decision.reason}
 
 
+def _ids_dict(ids: IdMap | None) -> dict[str, Any] | None:
+    if ids is None:
+        return None
+    return {"uid": [r._asdict() for r in ids.uid], "gid": [r._asdict() for r in ids.gid],
+            "unmapped": ids.unmapped, "squash_uid": ids.squash_uid, "squash_gid": ids.squash_gid}
+
+
 def run(args: argparse.Namespace) -> int:
     # Piped output gets a generous width (rich would pick 80) so that a report in a CI log is not folded.
     width = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", "140"))
@@ -154,7 +162,8 @@ def run(args: argparse.Namespace) -> int:
     report["policy"] = {"source": policy.source, "hash": policy.hash, "tenant": policy.tenant,
                         "default": policy.default, "enforcement": policy.enforcement,
                         "rules": len(policy.rules),
-                        "tests": len(policy.tests), "audit_path": policy.audit_path}
+                        "tests": len(policy.tests), "audit_path": policy.audit_path,
+                        "ids": _ids_dict(policy.ids), "limits": vars(policy.limits)}
     findings = lint(policy)
     results = run_tests(policy)
     report["lint"] = [vars(f) for f in findings]
@@ -240,6 +249,10 @@ def _show_policy(out: Console, policy: Policy, findings: list[Finding], results:
     out.print(Text(f"  tenant {policy.tenant} · default {policy.default} · "
                    f"enforcement {policy.enforcement} · "
                    f"{len(policy.rules)} rules · {len(policy.tests)} tests · sha256 {policy.hash[:16]}"))
+    if policy.ids is not None:
+        out.print(Text(f"  ids {_ids_text(policy.ids)}"))
+    if policy.limits.given():
+        out.print(Text(f"  limits {_limits_text(policy.limits)}"))
     if findings:
         warnings = sum(f.severity == "warning" for f in findings)
         notes = len(findings) - warnings
@@ -269,6 +282,32 @@ def _show_policy(out: Console, policy: Policy, findings: list[Finding], results:
         for failure in r.failures:
             where = f"{policy.source}:{r.test.line}: tests[{r.test.index}]"
             out.print(Text(f"  ✗ {where}: {failure}", style="red"))
+
+
+def _ranges_text(ranges: tuple[IdRange, ...], shown: int = 3) -> str:
+    """Guest → host ranges, the first few (a map of hundreds of ranges is not read here)."""
+    text = ", ".join(str(r) for r in ranges[:shown])
+    return text + (f", … ({len(ranges)} ranges)" if len(ranges) > shown else "")
+
+
+def _ids_text(ids: IdMap) -> str:
+    """One line: the guest → host ranges, what becomes of the other ids, and whose ids the rules see."""
+    squash = f"{ids.squash_uid}:{ids.squash_gid}"
+    unmapped = "forbid" if ids.unmapped == "forbid" else f"squash → {squash}"
+    return (f"uid {_ranges_text(ids.uid)} · gid {_ranges_text(ids.gid)} · unmapped {unmapped} · other host "
+            f"ids show as {squash} · rules see guest ids")
+
+
+def _limits_text(limits: Limits) -> str:
+    parts = []
+    if limits.requests_per_second is not None:
+        parts.append(f"rate {limits.requests_per_second:g}/s"
+                     f" (burst {limits.burst}; above it the guest waits)")
+    if limits.truncate_max is not None:
+        parts.append(f"truncate_max {format_size(limits.truncate_max)} (EFBIG above it)")
+    if limits.open_fds is not None:
+        parts.append(f"open_fds {limits.open_fds}")
+    return " · ".join(parts)
 
 
 def _show_requests(out: Console, decided: list[tuple[str, str, Decision]]) -> None:

@@ -323,3 +323,37 @@ def test_text_report_of_a_policy_without_tests(capsys, tmp_path) -> None:
     code, out, _ = run_check(capsys, path)
     assert code == 0
     assert "[no-tests]" in out and "[permissive]" in out and "enforcement permissive" in out
+
+
+def test_the_report_shows_the_id_map_and_the_limits(capsys, tmp_path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(POLICY.replace("rules:\n", textwrap.dedent("""\
+        ids:
+          uid: [{guest: 0, host: 100000, count: 65536}, {guest: 70000, host: 300000, count: 1}]
+          gid: {guest: 0, host: 100000, count: 65536}
+          unmapped: squash
+        limits:
+          rate: {requests_per_second: 2000}
+          truncate_max: 10G
+        rules:
+        """)))
+    code, out, _ = run_check(capsys, path)
+    assert code == 0
+    assert ("  ids uid 0-65535 → 100000-165535, 70000 → 300000 · gid 0-65535 → 100000-165535 · unmapped "
+            "squash → 65534:65534 · other host ids show as 65534:65534 · rules see guest ids") in out
+    assert "  limits rate 2000/s (burst 2000; above it the guest waits) · truncate_max 10 GiB (EFBIG" in out
+    code, report = run_json(capsys, path)
+    assert report["policy"]["ids"] == {
+        "uid": [{"guest": 0, "host": 100000, "count": 65536}, {"guest": 70000, "host": 300000, "count": 1}],
+        "gid": [{"guest": 0, "host": 100000, "count": 65536}],
+        "unmapped": "squash", "squash_uid": 65534, "squash_gid": 65534,
+    }
+    assert report["policy"]["limits"] == {"requests_per_second": 2000.0, "burst": 2000,
+                                          "truncate_max": 10 << 30, "open_fds": None}
+
+
+def test_no_id_map_and_no_limits_are_not_shown(capsys, policy_file) -> None:
+    code, out, _ = run_check(capsys, policy_file)
+    assert code == 0 and "  ids " not in out and "  limits " not in out
+    code, report = run_json(capsys, policy_file)
+    assert report["policy"]["ids"] is None and set(report["policy"]["limits"].values()) == {None}

@@ -33,7 +33,8 @@ def corpus() -> list[str]:
 
 
 def test_the_expected_policies_ship() -> None:
-    assert {"allow-all.yaml", "baseline.yaml", "read-only.yaml", "multi-tenant.yaml"} <= NAMES
+    shipped = {"allow-all.yaml", "baseline.yaml", "read-only.yaml", "multi-tenant.yaml", "mapped-tenant.yaml"}
+    assert shipped <= NAMES
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
@@ -83,7 +84,9 @@ def test_example_tour_uses_every_feature() -> None:
                  "mode_none:", "type:", "flags_any:", "flags_all:", "flags_none:", "target:",
                  "target_except:",
                  "target_resolved:", "target_absolute:", "target_dotdot:", "length_min:", "length_max:",
-                 "xattr:", "xattr_except:", "owner:", "group:", "tests:", "permissive"]:
+                 "xattr:", "xattr_except:", "owner:", "group:", "tests:", "permissive", "ids:", "guest:",
+                 "host:", "count:", "unmapped:", "squash_uid:", "squash_gid:", "limits:", "rate:",
+                 "requests_per_second:", "burst:", "truncate_max:", "open_fds:"]:
         assert word in text, word
     policy = load_policy(ROOT / "examples/policy.yaml")
     exercised = {rule for r in run_tests(policy) for rule in r.decision.matched}

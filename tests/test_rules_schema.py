@@ -114,7 +114,7 @@ def test_top_level_errors() -> None:
         version: 2
         default: maybe
         enforcement: lax
-        ids: {alice: 1000}
+        limits: {open_fds: 0}
         colour: blue
         audit: {path: ""}
         rules: []
@@ -123,10 +123,9 @@ def test_top_level_errors() -> None:
         "policy.yaml:1: version: the number 2 is not allowed: use 1",
         "policy.yaml:2: default: the text 'maybe' is not allowed: use allow or deny",
         "policy.yaml:3: enforcement: the text 'lax' is not allowed: use enforce or permissive",
-        "policy.yaml:4: top-level key 'ids' is reserved for named uid/gid sets, which this version does not "
-        "support yet",
-        "policy.yaml:5: unknown field 'colour' (known: version, tenant, default, enforcement, audit, rules, "
-        "tests)",
+        "policy.yaml:4: limits.open_fds: must be at least 1",
+        "policy.yaml:5: unknown field 'colour' (known: version, tenant, default, enforcement, audit, ids, "
+        "limits, rules, tests)",
         "policy.yaml:6: audit.path: must not be empty",
     ]
 

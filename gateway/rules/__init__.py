@@ -8,11 +8,15 @@ The request path imports only this package (never rich, never the CLI):
 """
 
 from gateway.rules.engine import decide, explain_decision
+from gateway.rules.idmap import IdMap, IdRange
 from gateway.rules.loader import load_policy, load_policy_text
-from gateway.rules.model import Decision, ObjectAttrs, Policy, PolicyError, Problem, RuleTrace
+from gateway.rules.model import Decision, Limits, ObjectAttrs, Policy, PolicyError, Problem, RuleTrace
 
 __all__ = [
     "Decision",
+    "IdMap",
+    "IdRange",
+    "Limits",
     "ObjectAttrs",
     "Policy",
     "PolicyError",

@@ -5,7 +5,8 @@
 * patterns that can never match a normalised path; ``except`` patterns that swallow all of ``paths``;
 * conditions that can never hold for any of the rule's ops (the rule never matches), and ``unless``
   blocks that can never hold for some ops (the rule then applies to those unconditionally);
-* allow rules made pointless by ``default: allow``; ``enforce: always`` without permissive enforcement.
+* allow rules made pointless by ``default: allow``; ``enforce: always`` without permissive enforcement;
+* an id map whose squash id is root as the guest sees it.
 
 Coverage is proven conservatively: a finding is reported only when it is certain, so a quiet lint does not
 prove that no rule is shadowed, but a reported shadow is real. (Duplicate ids are not findings: the
@@ -182,6 +183,7 @@ def lint(policy: Policy) -> list[Finding]:
                                    f"rule '{a.id}' never decides: rule '{d.id}' (line {d.line}) matches "
                                    f"whenever it does and takes precedence (it has the same effect)"))
                 break
+    out += _ids_findings(policy)
     if policy.enforcement == "permissive":
         out.append(Finding("info", "permissive", 0, None,
                            "enforcement: permissive: denials are recorded as would-deny and performed anyway "
@@ -190,6 +192,22 @@ def lint(policy: Policy) -> list[Finding]:
         out.append(Finding("info", "no-tests", 0, None,
                            "the policy has no tests: section; `gateway check` can only validate it"))
     return sorted(out, key=lambda f: (f.line, f.code))
+
+
+def _ids_findings(policy: Policy) -> list[Finding]:
+    """Under squash, objects an unmapped guest id makes belong to the squash id on the host; if the guest
+    sees that id as 0, every unmapped user makes root-owned files (the squash id is meant to be nobody)."""
+    ids = policy.ids
+    if ids is None or ids.unmapped != "squash":
+        return []
+    out = []
+    for kind, squash, back in (("uid", ids.squash_uid, ids.uid_to_guest), ("gid", ids.squash_gid,
+                                                                           ids.gid_to_guest)):
+        if back(squash) == 0:
+            out.append(Finding("warning", "squash-to-root", ids.line, None,
+                               f"ids: unmapped guest {kind}s are squashed to host {kind} {squash}, which the "
+                               f"guest sees as {kind} 0 (root): pick an id that is nobody on both sides"))
+    return out
 
 
 def _pattern_findings(rule: Rule) -> list[Finding]:

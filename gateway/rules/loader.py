@@ -20,7 +20,7 @@ from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.scalarint import OctalInt, ScalarInt
 
 from gateway import names
-from gateway.rules import model, requests, schema
+from gateway.rules import idmap, model, requests, schema
 from gateway.rules.compiler import compile_rules
 from gateway.rules.globs import GlobSet
 from gateway.rules.model import Conditions, ObjectConditions, Policy, PolicyError, PolicyTest, Problem, Rule
@@ -139,6 +139,8 @@ def _load_unpaused(raw: bytes, source: str, base: Path | None) -> Policy:
         tests=tests,
         audit_path=audit_path,
         compiled=compile_rules(rules, doc["default"], enforcement),
+        ids=_build_ids(doc.get("ids"), lines),
+        limits=_build_limits(doc.get("limits")),
     )
 
 
@@ -175,7 +177,70 @@ def _semantic(doc: dict[str, Any], lines: Lines, source: str) -> list[Problem]:
     if isinstance(audit, dict) and isinstance(audit.get("path"), str) and "\0" in audit["path"]:
         problems.append(Problem(source, schema.line_of(("audit", "path"), lines), "audit.path",
                                 "must not contain a NUL character"))
+    return problems + _ids_problems(doc.get("ids"), lines, source)
+
+
+def _id_ranges(entries: Any) -> list[idmap.IdRange] | None:
+    """The ranges of ``ids.uid`` or ``ids.gid`` if the schema let every one through, else None (the
+    schema has said what is wrong; a range check on half of them would only add noise)."""
+    if isinstance(entries, dict):
+        entries = [entries]  # a single range, as the schema accepts it
+    if not isinstance(entries, list):
+        return None
+    out = []
+    for entry in entries:
+        if not isinstance(entry, dict):
+            return None
+        values = [entry.get(k) for k in ("guest", "host", "count")]
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            return None
+        guest, host, count = values
+        if not (0 <= guest <= idmap.ID_LAST and 0 <= host <= idmap.ID_LAST and 1 <= count <= idmap.NO_ID):
+            return None  # the schema's bounds; ranges that fit are the loader's
+        out.append(idmap.IdRange(*values))
+    return out
+
+
+def _ids_problems(ids: Any, lines: Lines, source: str) -> list[Problem]:
+    """Ranges that overlap, or run past the last id: the schema sees one number at a time."""
+    if not isinstance(ids, dict):
+        return []
+    problems = []
+    for kind in ("uid", "gid"):
+        ranges = _id_ranges(ids.get(kind))
+
+        def name(j: int, kind: str = kind) -> str:
+            return f"ids.{kind}[{j}] (line {schema.line_of(('ids', kind, j), lines)})"
+
+        for i, message in idmap.range_problems(ranges or [], name):
+            problems.append(Problem(source, schema.line_of(("ids", kind, i), lines), f"ids.{kind}[{i}]",
+                                    message))
     return problems
+
+
+def _build_ids(d: dict[str, Any] | None, lines: Lines) -> idmap.IdMap | None:
+    if d is None:
+        return None
+    return idmap.IdMap(
+        uid=tuple(_id_ranges(d["uid"]) or ()),
+        gid=tuple(_id_ranges(d["gid"]) or ()),
+        unmapped=d.get("unmapped", "forbid"),
+        squash_uid=d.get("squash_uid", idmap.DEFAULT_SQUASH),
+        squash_gid=d.get("squash_gid", idmap.DEFAULT_SQUASH),
+        line=schema.line_of(("ids",), lines),
+    )
+
+
+def _build_limits(d: dict[str, Any] | None) -> model.Limits:
+    d = d or {}
+    rate = d.get("rate") or {}
+    truncate_max = d.get("truncate_max")
+    return model.Limits(
+        requests_per_second=rate.get("requests_per_second"),
+        burst=rate.get("burst"),
+        truncate_max=model.parse_size(truncate_max) if truncate_max is not None else None,
+        open_fds=d.get("open_fds"),
+    )
 
 
 def _ids(values: list[Any] | None) -> tuple[tuple[int, int], ...] | None:

@@ -6,12 +6,16 @@ build matchers) and the check command (to print). No I/O, no rich.
 
 from __future__ import annotations
 
+import math
+import re
 import stat
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from gateway import names
 from gateway.protocol import RequestType as RT
+from gateway.rules.idmap import IdMap as IdMap  # re-exported: part of the model, in a module of its own
+from gateway.rules.idmap import IdRange as IdRange
 
 if TYPE_CHECKING:
     from gateway.rules.compiler import Compiled
@@ -326,6 +330,74 @@ class PolicyError(Exception):
         super().__init__("\n".join(str(p) for p in self.problems))
 
 
+# --------------------------------------------------------------------------------------------------------
+# Limits.
+
+SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+SIZE_MAX = (1 << 64) - 1  # lengths are u64 on the wire
+_SIZE_RE = re.compile(r"(\d+)\s*(?:([KMGTkmgt])(iB)?|(B))?")
+
+
+def parse_size(value: object) -> int:
+    """``1048576``, ``"512K"``, ``"10G"``, ``"1TiB"`` -> bytes (K M G T are powers of 1024)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 10G, not true/false")
+    if isinstance(value, int):
+        size = value
+    else:
+        text = str(value).strip()
+        match = _SIZE_RE.fullmatch(text)
+        if match is None:
+            hint = ""
+            if re.fullmatch(r"\d+\s*[KMGTkmgt]B", text):  # 10GB: decimal or binary? Say it, do not guess.
+                hint = f" (write {text[:-1]} or {text[:-1]}iB: sizes are binary, G is 1024^3)"
+            raise ValueError(f"'{text}' is not a size such as 10G (a whole number, optionally with K, M, G "
+                             f"or T: powers of 1024){hint}")
+        size = int(match.group(1)) * SIZE_UNITS[(match.group(2) or "").upper()]
+    if not 0 <= size <= SIZE_MAX:
+        raise ValueError(f"sizes are between 0 and {SIZE_MAX}")
+    return size
+
+
+def format_size(size: int) -> str:
+    """Bytes the way a person wrote them: 10 GiB when exact, else the number."""
+    for unit in ("T", "G", "M", "K"):
+        if size and size % SIZE_UNITS[unit] == 0:
+            return f"{size // SIZE_UNITS[unit]} {unit}iB"
+    return f"{size} bytes"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The policy's ``limits:`` section; None is "no limit". Enforced by the server, not the rules: over
+    the rate the guest is slowed down (never failed), a TRUNCATE past truncate_max is refused with EFBIG,
+    and open_fds caps the fds the guest holds from OPEN/CREATE at once."""
+
+    requests_per_second: float | None = None
+    burst: int | None = None  # the requests allowed at once above the rate; defaults to a second's worth
+    truncate_max: int | None = None  # bytes
+    open_fds: int | None = None
+
+    def __post_init__(self) -> None:
+        rps = self.requests_per_second
+        if rps is not None:
+            if not (math.isfinite(rps) and rps > 0):
+                raise ValueError("requests_per_second must be a positive number")
+            object.__setattr__(self, "requests_per_second", float(rps))
+            if self.burst is None:  # a second's worth, and at least one request (the bucket must hold one)
+                object.__setattr__(self, "burst", max(1, math.ceil(rps)))
+        for name in ("burst", "open_fds"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.truncate_max is not None and self.truncate_max < 0:
+            raise ValueError("truncate_max must be at least 0")
+
+    def given(self) -> list[str]:
+        """The limits that are set, in declaration order."""
+        return [k for k in self.__dataclass_fields__ if getattr(self, k) is not None]
+
+
 @dataclass(frozen=True, eq=False)
 class Policy:
     source: str
@@ -338,6 +410,8 @@ class Policy:
     tests: tuple[PolicyTest, ...]
     audit_path: str | None
     compiled: Compiled = field(repr=False)
+    ids: IdMap | None = None  # None: no mapping, guest ids are host ids. The rules always see guest ids.
+    limits: Limits = field(default_factory=Limits)  # always present; each limit None when not set
 
     def rule(self, rule_id: str) -> Rule | None:
         for r in self.rules:

@@ -8,18 +8,15 @@ reported as ``file:line: field: message``; all of them at once, never just the f
 from __future__ import annotations
 
 import difflib
+import math
 from typing import Any
 
-from cerberus import Validator, errors
+from cerberus import TypeDefinition, Validator, errors
 
 from gateway import names
-from gateway.rules import globs, model
+from gateway.rules import globs, idmap, model
 
 RULE_ID_RE = r"[A-Za-z0-9][A-Za-z0-9_.:@/-]{0,127}"
-RESERVED_TOP = {
-    "ids": "is reserved for named uid/gid sets, which this version does not support yet",
-    "limits": "is reserved for rate and size limits, which this version does not support yet",
-}
 
 
 def _list_of(item: dict[str, Any]) -> dict[str, Any]:
@@ -110,12 +107,53 @@ TEST = {
         "errno": ERRNO,
     },
 }
+# `ids:` the guest<->host id map (gateway/rules/idmap.py). Overlaps and ranges running past the last id are
+# checked by the loader, which sees whole ranges.
+ID = {"type": "integer", "min": 0, "max": idmap.ID_LAST}
+ID_RANGE = {
+    "type": "dict",
+    "schema": {
+        "guest": {**ID, "required": True},
+        "host": {**ID, "required": True},
+        "count": {"type": "integer", "required": True, "min": 1, "max": idmap.ID_LAST + 1},
+    },
+}
+IDS = {
+    "type": "dict",
+    "schema": {
+        # Both required: a map that forgot gid would leave guest gids unmapped (or, if that meant identity,
+        # let the guest's root group be the host's).
+        "uid": {**_list_of(ID_RANGE), "required": True},
+        "gid": {**_list_of(ID_RANGE), "required": True},
+        "unmapped": {"type": "string", "allowed": list(idmap.UNMAPPED_MODES)},
+        "squash_uid": ID,
+        "squash_gid": ID,
+    },
+}
+POSITIVE = {"type": "integer", "min": 1}
+LIMITS = {
+    "type": "dict",
+    "empty": False,
+    "schema": {
+        "rate": {
+            "type": "dict",
+            "schema": {
+                "requests_per_second": {"type": "number", "required": True, "check_with": "positive"},
+                "burst": POSITIVE,
+            },
+        },
+        "truncate_max": {"type": ["integer", "string"], "check_with": "size"},
+        "open_fds": POSITIVE,
+    },
+}
 POLICY = {
     "version": {"type": "integer", "required": True, "allowed": [1]},
     "tenant": {"type": "string", "empty": False, "regex": r"[^\x00-\x1f]+"},
     "default": {"type": "string", "required": True, "allowed": ["allow", "deny"]},
     "enforcement": {"type": "string", "allowed": ["enforce", "permissive"]},
     "audit": {"type": "dict", "schema": {"path": {"type": "string", "required": True, "empty": False}}},
+    "ids": IDS,
+    "limits": LIMITS,
     "rules": {"type": "list", "nullable": True, "schema": RULE},  # `rules:` left empty: no rules
     "tests": {"type": "list", "nullable": True, "schema": TEST},
 }
@@ -129,6 +167,10 @@ _KEYS = {
     "test": list(TEST["schema"]),
     "object_attrs": list(OBJECT_ATTRS["schema"]),
     "audit": ["path"],
+    "ids": list(IDS["schema"]),
+    "id_range": list(ID_RANGE["schema"]),
+    "limits": list(LIMITS["schema"]),
+    "rate": list(LIMITS["schema"]["rate"]["schema"]),
 }
 
 
@@ -143,6 +185,10 @@ def did_you_mean(word: object, choices: list[str]) -> str:
 
 class PolicyValidator(Validator):  # type: ignore[misc]
     """Cerberus with the policy's value checks; messages are already in final form."""
+
+    # Cerberus takes true/false for an integer (bool is an int in Python): `count: true` would be a count
+    # of 1. A whole number here is never a bool.
+    types_mapping = {**Validator.types_mapping, "integer": TypeDefinition("integer", (int,), (bool,))}
 
     def _normalize_coerce_listify(self, value: Any) -> Any:
         return value if isinstance(value, list) else [value]
@@ -180,6 +226,16 @@ class PolicyValidator(Validator):  # type: ignore[misc]
             guess = value.strip().upper() if isinstance(value, str) else value
             self._error(field, f"{err}{did_you_mean(guess, list(model.FLAG_NAMES))}")
 
+    def _check_with_positive(self, field: str, value: Any) -> None:
+        if isinstance(value, int | float) and not (math.isfinite(value) and value > 0):
+            self._error(field, f"must be a positive number, not {value}")
+
+    def _check_with_size(self, field: str, value: Any) -> None:
+        try:
+            model.parse_size(value)
+        except ValueError as err:
+            self._error(field, str(err))
+
     def _check_with_errno(self, field: str, value: Any) -> None:
         if isinstance(value, bool) or (isinstance(value, int) and not 0 < value < 4096):
             self._error(field, f"errno {value!r} is not a positive errno number")
@@ -197,8 +253,12 @@ def _context(path: tuple[Any, ...]) -> str:
     """Which kind of mapping a document path points into."""
     if not path:
         return "top"
-    if path[0] == "audit":
-        return "audit"
+    if path[0] in ("audit", "ids", "limits"):
+        if path[0] == "ids" and len(path) >= 3:
+            return "id_range"
+        if path[0] == "limits" and len(path) >= 2:
+            return "rate"
+        return str(path[0])
     if path[0] == "rules":
         if len(path) == 2:
             return "rule"
@@ -240,7 +300,7 @@ def line_of(path: tuple[Any, ...], lines: dict[tuple[Any, ...], int]) -> int:
 
 def _type_words(constraint: Any) -> str:
     words = {"list": "a list", "dict": "a mapping", "string": "text", "integer": "a whole number",
-             "boolean": "true or false"}
+             "number": "a number", "boolean": "true or false"}
     types = constraint if isinstance(constraint, list) else [constraint]
     return " or ".join(words.get(t, t) for t in types)
 
@@ -250,7 +310,7 @@ def _value_words(value: Any) -> str:
         return "nothing (null)"
     if isinstance(value, bool):
         return "true/false"
-    if isinstance(value, int):
+    if isinstance(value, int | float):
         return f"the number {value}"
     if isinstance(value, str):
         return f"the text '{value}'"
@@ -268,8 +328,6 @@ def _message(err: Any) -> tuple[tuple[Any, ...], str]:
     if code == errors.UNKNOWN_FIELD.code:
         key = path[-1]
         parent = path[:-1]
-        if parent == () and key in RESERVED_TOP:
-            return path, f"top-level key '{key}' {RESERVED_TOP[key]}"
         known = _KEYS[_context(parent)]
         hint = did_you_mean(key, known) or f" (known: {', '.join(known)})"
         return path, f"unknown field '{key}'{hint}"
@@ -287,6 +345,10 @@ def _message(err: Any) -> tuple[tuple[Any, ...], str]:
         return path, f"{_value_words(err.value)} is not allowed: use {' or '.join(choices)}{hint}"
     if code == errors.MIN_VALUE.code:
         return path, f"must be at least {err.constraint}"
+    if code == errors.MAX_VALUE.code:
+        if err.constraint == idmap.ID_LAST:
+            return path, f"must be at most {idmap.ID_LAST} ({idmap.NO_ID} is -1, which means 'unchanged')"
+        return path, f"must be at most {err.constraint}"
     if code == errors.REGEX_MISMATCH.code:
         if path and path[-1] == "id":
             return path, f"rule ids are letters, digits and - _ . : @ / (got '{err.value}')"
