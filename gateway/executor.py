@@ -15,11 +15,17 @@ process is also chrooted. The model is virtiofsd's file-system code:
   ENXIO without an open(2), so a FIFO can never block the server and a device never sees an open.
 
 Create-type requests run with the guest's uid/gid as the fs ids (setfsuid/setfsgid, per thread: the
-server is single-threaded on purpose), so the object is born owned by the guest's user.
+server is single-threaded on purpose), so the object is born owned by the guest's user; while acting as
+anyone but root:root only CAP_DAC_OVERRIDE is effective, as in the reference (see FsIds).
+
+Errors match the reference's answers (tests/test_differential.py holds the two side by side): where
+the kernel would answer before opening anything (ENOTDIR, ELOOP, EISDIR, EINVAL for impossible flags,
+ENAMETOOLONG for a path of PATH_MAX bytes), the executor answers the same before its type check.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import logging
@@ -39,6 +45,16 @@ _O_PARENT = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 _O_DIR_OBJECT = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NONBLOCK
 # Flags that only make sense while resolving by name; reopening through /proc must drop them.
 _NAME_ONLY_FLAGS = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_NOCTTY
+# The flag bits open(2) knows (the kernel's VALID_OPEN_FLAGS). open(2) silently ignores any other bit, but
+# openat2(2) refuses it with EINVAL, so guest flags are masked to these before they reach openat2.
+_O_LARGEFILE = 0o100000  # the kernel's bit; Python's os.O_LARGEFILE is 0 on 64-bit hosts
+_VALID_OPEN_FLAGS = (
+    os.O_ACCMODE | os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_TRUNC | os.O_APPEND | os.O_NONBLOCK
+    | os.O_DSYNC | fcntl.FASYNC | os.O_DIRECT | _O_LARGEFILE | os.O_DIRECTORY | os.O_NOFOLLOW
+    | os.O_NOATIME | os.O_CLOEXEC | os.O_SYNC | os.O_PATH | os.O_TMPFILE
+)  # fmt: skip
+PATH_MAX = 4096  # including the NUL: the kernel refuses a path of 4096 or more bytes with ENAMETOOLONG
+XATTR_SIZE_MAX = 65536  # the kernel refuses a larger xattr value with E2BIG before anything else
 
 
 @dataclass(slots=True)
@@ -123,10 +139,19 @@ class Executor:
 
     # -- resolution -----------------------------------------------------------------------------------
 
-    def target(self, path: bytes) -> Target:
-        """Resolve the parent of path beneath the root; ENOENT for an empty path, as open("") gives."""
+    @staticmethod
+    def check_path(path: bytes) -> None:
+        """What getname() refuses before any lookup: an empty path (ENOENT, as open("") gives) and one of
+        PATH_MAX bytes or more (ENAMETOOLONG). The latter must be checked here because target() hands
+        the kernel only the parent and the last component, each of which may be short enough."""
         if not path:
             raise OSError(errno.ENOENT, "empty path")
+        if len(path) >= PATH_MAX:
+            raise OSError(errno.ENAMETOOLONG, "path too long")
+
+    def target(self, path: bytes) -> Target:
+        """Resolve the parent of path beneath the root (after check_path)."""
+        self.check_path(path)
         stripped = path.rstrip(b"/")
         if not stripped:
             return Target(path, self.root_fd, None, False, True)
@@ -141,17 +166,18 @@ class Executor:
 
     def object_fd(self, path: bytes, *, follow: bool) -> int:
         """An O_PATH fd for the object path names, resolved entirely beneath the root."""
-        if not path:
-            raise OSError(errno.ENOENT, "empty path")
+        self.check_path(path)
         return sc.openat2(self.root_fd, path, _O_PATH if follow else _O_PATH | os.O_NOFOLLOW)
 
     def dir_object(self, path: bytes) -> int:
         """A real fd for a path that can only name a directory ('.', '..', 'x/', the root)."""
         return sc.openat2(self.root_fd, path, _O_DIR_OBJECT)
 
-    def reopen(self, fd: int, flags: int) -> int:
-        """Open the inode behind an O_PATH fd with new flags, through /proc/self/fd: no name lookup."""
-        return os.open(b"%d" % fd, (flags & ~_NAME_ONLY_FLAGS) | os.O_CLOEXEC, dir_fd=self.proc_fd)
+    def reopen(self, fd: int, flags: int, mode: int = 0) -> int:
+        """Open the inode behind an O_PATH fd with new flags, through /proc/self/fd: no name lookup.
+        mode matters only for O_TMPFILE (a new inode in the directory fd names); it must be passed
+        explicitly, since os.open's default would give such a file 0777."""
+        return os.open(b"%d" % fd, (flags & ~_NAME_ONLY_FLAGS) | os.O_CLOEXEC, mode, dir_fd=self.proc_fd)
 
     def _chdir(self, dirfd: int) -> None:
         # The l*xattr calls have no *at() form; they run relative to the cwd, set to the parent fd.
@@ -167,13 +193,34 @@ class Executor:
             raise OSError(errno.ENXIO, "not a regular file or directory")
         return st
 
-    def _open_existing(self, obj: int, flags: int) -> Result:
-        self._openable(obj)
+    @staticmethod
+    def _check_open_flags(flags: int) -> None:
+        """The flag combinations open(2) refuses with EINVAL before any lookup (build_open_flags)."""
+        if flags & os.O_CREAT and flags & os.O_DIRECTORY:  # also covers O_TMPFILE | O_CREAT
+            raise OSError(errno.EINVAL, "O_CREAT with O_DIRECTORY")
+        tmpfile = os.O_TMPFILE & ~os.O_DIRECTORY
+        if flags & tmpfile and (flags & os.O_TMPFILE != os.O_TMPFILE or flags & os.O_ACCMODE == 0):
+            raise OSError(errno.EINVAL, "O_TMPFILE needs O_DIRECTORY and write access")
+
+    def _open_existing(self, obj: int, flags: int, mode: int) -> Result:
+        """Open an object that exists. Before the type check (which must come before any open, so that
+        a FIFO never blocks and a device never sees an open), answer what open(2) answers for the object
+        without opening it, in the kernel's order; the reference gets these from its open()."""
         if flags & os.O_CREAT and flags & os.O_EXCL:
             raise OSError(errno.EEXIST, "exists")
-        return Result(fd=self.reopen(obj, flags))
+        st = os.fstat(obj)
+        if flags & os.O_DIRECTORY and not stat.S_ISDIR(st.st_mode):
+            raise OSError(errno.ENOTDIR, "not a directory")  # a FIFO, a device, a symlink (O_NOFOLLOW)
+        if stat.S_ISLNK(st.st_mode) and not flags & os.O_PATH:
+            raise OSError(errno.ELOOP, "O_NOFOLLOW on a symlink")  # O_PATH|O_NOFOLLOW: ENXIO below
+        if stat.S_ISDIR(st.st_mode) and flags & os.O_CREAT and not flags & os.O_PATH:
+            raise OSError(errno.EISDIR, "O_CREAT on a directory")  # O_PATH ignores O_CREAT
+        self._openable(obj)
+        return Result(fd=self.reopen(obj, flags, mode))
 
     def _open_or_create(self, path: bytes, flags: int, mode: int) -> Result:
+        flags &= _VALID_OPEN_FLAGS
+        self._check_open_flags(flags)
         follow = not flags & os.O_NOFOLLOW
         if flags & os.O_CREAT and flags & os.O_EXCL:
             # O_EXCL never opens an existing object, so no special file can be opened here.
@@ -191,7 +238,7 @@ class Executor:
                 raise
         else:
             try:
-                return self._open_existing(obj, flags)
+                return self._open_existing(obj, flags, mode)
             finally:
                 os.close(obj)
         # It did not exist: create it. O_NONBLOCK guards the race where a FIFO appears in between.
@@ -214,14 +261,25 @@ class Executor:
 
     # -- name operations ------------------------------------------------------------------------------
 
-    def _name_op(self, path: bytes, op: Callable[[int, bytes], object]) -> Result:
+    @staticmethod
+    def _at_name(t: Target) -> bytes:
+        """The name to hand an *at() call that never follows its final component (mkdir, mknod,
+        symlink, unlink/rmdir, rename, link's new name). A trailing slash stays on the name: the kernel
+        then insists on a directory (or refuses to create a non-directory) exactly as for the full
+        path, and these calls do not follow the final component even so."""
+        assert t.name is not None
+        return t.name + b"/" if t.dir_only and t.name not in (b".", b"..") else t.name
+
+    def _name_op(
+        self, path: bytes, op: Callable[[int, bytes], object], root_errno: int = errno.EEXIST
+    ) -> Result:
         t = self.target(path)
         try:
-            if t.name is None:  # the root itself cannot be created, removed or renamed
-                raise OSError(errno.EBUSY, "the export root")
-            # A trailing slash stays on the name: the kernel then insists on a directory, and these
-            # calls never follow the final component even so.
-            op(t.dirfd, t.name + b"/" if t.dir_only and t.name not in (b".", b"..") else t.name)
+            if t.name is None:
+                # The root itself: creating it is EEXIST and removing it EBUSY, as the kernel answers
+                # for "/" (the reference's mkdir("/") inside its chroot).
+                raise OSError(root_errno, "the export root")
+            op(t.dirfd, self._at_name(t))
             return OK
         finally:
             t.close()
@@ -238,31 +296,61 @@ class Executor:
         with FsIds(r.uid, r.gid):
             return self._name_op(r.path, lambda d, n: os.symlink(r.target, n, dir_fd=d))
 
-    def _two_names(self, old: bytes, new: bytes, op: Callable[[int, bytes, int, bytes], object]) -> Result:
-        a = self.target(old)
+    def link(self, r: p.Link) -> Result:
+        a = self.target(r.path)
         try:
-            b = self.target(new)
+            b = self.target(r.path2)
             try:
-                if a.name is None or b.name is None:
-                    raise OSError(errno.EBUSY, "the export root")
-                op(a.dirfd, a.name, b.dirfd, b.name)
+                if a.dir_only:
+                    # 'x/', 'x/.', '..', '/': link(2) follows a final symlink here and insists on a
+                    # directory (the trailing slash used to be dropped, linking 'file/' as 'file').
+                    # Following by name from the parent fd would not stay beneath the root, so resolve
+                    # it beneath the root; what it names is a directory, which link(2) refuses with
+                    # EPERM once the new name checks out -- answered here without a linkat at all.
+                    os.close(self.dir_object(r.path))
+                    self._link_new_name_free(b)
+                    raise OSError(errno.EPERM, "hard link to a directory")
+                assert a.name is not None
+                if b.name is None:  # link(2) looks the old name up first, then finds "/" exists
+                    os.stat(a.name, dir_fd=a.dirfd, follow_symlinks=False)
+                    raise OSError(errno.EEXIST, "the export root")
+                os.link(
+                    a.name, self._at_name(b), src_dir_fd=a.dirfd, dst_dir_fd=b.dirfd, follow_symlinks=False
+                )
                 return OK
             finally:
                 b.close()
         finally:
             a.close()
 
-    def link(self, r: p.Link) -> Result:
-        return self._two_names(
-            r.path,
-            r.path2,
-            lambda da, na, db, nb: os.link(na, nb, src_dir_fd=da, dst_dir_fd=db, follow_symlinks=False),
-        )
+    def _link_new_name_free(self, b: Target) -> None:
+        """link(2)'s checks of the new name (filename_create): EEXIST when it exists (the root, '.', '..'
+        included), ENOENT for a missing name with a trailing slash."""
+        if b.name is None:
+            raise OSError(errno.EEXIST, "the export root")
+        try:
+            os.stat(b.name, dir_fd=b.dirfd, follow_symlinks=False)
+        except FileNotFoundError:
+            if b.dir_only:
+                raise
+            return
+        raise OSError(errno.EEXIST, "exists")
 
     def rename(self, r: p.Rename) -> Result:
-        return self._two_names(
-            r.path, r.path2, lambda da, na, db, nb: os.rename(na, nb, src_dir_fd=da, dst_dir_fd=db)
-        )
+        a = self.target(r.path)
+        try:
+            b = self.target(r.path2)
+            try:
+                if a.name is None or b.name is None:
+                    raise OSError(errno.EBUSY, "the export root")  # rename(2) of or onto "/"
+                # Trailing slashes stay (rename(2) never follows a final symlink, slash or not): dropping
+                # them renamed 'file/' as 'file' where the kernel answers ENOTDIR.
+                os.rename(self._at_name(a), self._at_name(b), src_dir_fd=a.dirfd, dst_dir_fd=b.dirfd)
+                return OK
+            finally:
+                b.close()
+        finally:
+            a.close()
 
     def remove(self, r: p.Remove) -> Result:
         def remove_at(dirfd: int, name: bytes) -> None:
@@ -271,7 +359,7 @@ class Executor:
             except IsADirectoryError:  # remove(3): unlink, and rmdir when it is a directory
                 os.rmdir(name, dir_fd=dirfd)
 
-        return self._name_op(r.path, remove_at)
+        return self._name_op(r.path, remove_at, errno.EBUSY)
 
     # -- inode operations that never follow a final symlink ---------------------------------------------
 
@@ -326,7 +414,9 @@ class Executor:
         atime, mtime = (r.atime_sec, r.atime_nsec), (r.mtime_sec, r.mtime_nsec)
 
         def on_dir(fd: int) -> Result:
-            sc.utimensat(fd, None, atime, mtime, 0)
+            # Through /proc/self/fd, following the magic link: glibc's utimensat refuses a NULL path
+            # with EINVAL (so fd + NULL, futimens' form, failed for every 'dir/' path).
+            sc.utimensat(self.proc_fd, b"%d" % fd, atime, mtime, 0)
             return OK
 
         def at(d: int, n: bytes) -> Result:
@@ -361,6 +451,9 @@ class Executor:
         return Result(payload=p.string_payload(value))
 
     def lsetxattr(self, r: p.Lsetxattr) -> Result:
+        if r.size & 0xFFFFFFFF > XATTR_SIZE_MAX:
+            # What the kernel answers (and so the reference) for a size it would never copy, -1 included.
+            return Result(errno.E2BIG)
         if not 0 <= r.size <= len(r.value):
             # The reference reads past the value here (a bug); a size the frame does not hold is invalid.
             return Result(errno.EINVAL)
@@ -400,14 +493,14 @@ class Executor:
             os.close(obj)
 
     def truncate(self, r: p.Truncate) -> Result:
+        if r.length >= 1 << 63:  # a negative off_t: truncate(2) refuses it before looking at the path
+            return Result(errno.EINVAL)
         obj = self.object_fd(r.path, follow=True)
         try:
             mode = os.fstat(obj).st_mode
             if stat.S_ISDIR(mode):
                 return Result(errno.EISDIR)
             if not stat.S_ISREG(mode):  # truncate(2) on a FIFO or device is EINVAL; never open one
-                return Result(errno.EINVAL)
-            if r.length >= 1 << 63:
                 return Result(errno.EINVAL)
             fd = self.reopen(obj, os.O_WRONLY)
             try:
@@ -421,7 +514,12 @@ class Executor:
     def statfs(self, r: p.Statfs) -> Result:
         obj = self.object_fd(r.path, follow=True)
         try:
-            return Result(payload=p.statfs_payload(sc.fstatfs(obj)))
+            fields = list(sc.fstatfs(obj))
+            # f_fsid is two ints; the reference widens each to its u64 field with sign extension, so
+            # match it on the wire (fstatfs hands them back as unsigned 32-bit values).
+            for i in (7, 8):
+                fields[i] = fields[i] - (1 << 32) if fields[i] & 0x80000000 else fields[i]
+            return Result(payload=p.statfs_payload(tuple(fields)))
         finally:
             os.close(obj)
 
@@ -449,29 +547,84 @@ def getversion_supported(root_fd: int) -> bool:
     return sc.fstatfs(root_fd)[0] in GETVERSION_MAGICS
 
 
+class _CapHeader(ctypes.Structure):
+    _fields_ = (("version", ctypes.c_uint32), ("pid", ctypes.c_int))
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = (
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    )
+
+
+_CAP_VERSION_3 = 0x20080522  # _LINUX_CAPABILITY_VERSION_3: two 32-bit words per set
+_CAP_DAC_OVERRIDE = 1
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)
+
+
+def _capget() -> ctypes.Array[_CapData]:
+    data = (_CapData * 2)()
+    if _libc.capget(ctypes.byref(_CapHeader(_CAP_VERSION_3, 0)), data) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"capget: {os.strerror(err)}")
+    return data
+
+
+def _set_effective(data: ctypes.Array[_CapData], low: int, high: int) -> None:
+    """capset(2) with only the effective set changed (never beyond the permitted set)."""
+    data[0].effective = low & data[0].permitted
+    data[1].effective = high & data[1].permitted
+    if _libc.capset(ctypes.byref(_CapHeader(_CAP_VERSION_3, 0)), data) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"capset: {os.strerror(err)}")
+
+
 class FsIds:
     """Run a block with the guest's uid/gid as the fs ids, restored afterwards.
 
     setfsuid/setfsgid change only this thread's fs ids, so the server must stay single-threaded. The
     securebit SECBIT_NO_SETUID_FIXUP (set by the sandbox) keeps the kernel from clearing our effective
-    capabilities when the fsuid leaves 0, so the server keeps CAP_DAC_OVERRIDE etc. as the reference does
-    after its capng_apply, and never loses them on the way back."""
+    capabilities when the fsuid leaves 0, so they are never lost on the way back.
 
-    __slots__ = ("gid", "uid")
+    While acting as anyone but root:root, only CAP_DAC_OVERRIDE stays effective, as in the reference
+    (setugid + capng_apply: "we still need DAC_OVERRIDE because we don't change supplementary group
+    ids"). Keeping all seven let a uid-1000 MKNOD make a device (CAP_MKNOD) and kept the setgid bit of a
+    file created in another group's setgid directory (CAP_FSETID), where the reference answers EPERM
+    and clears the bit. The effective set is restored on exit (capset within the permitted set; the
+    seccomp allowlist must permit capget/capset)."""
+
+    __slots__ = ("gid", "saved", "uid")
 
     def __init__(self, uid: int, gid: int) -> None:
         self.uid = uid & 0xFFFFFFFF
         self.gid = gid & 0xFFFFFFFF
+        self.saved: tuple[int, int] | None = None
 
     def __enter__(self) -> None:
         if self.uid == 0xFFFFFFFF or self.gid == 0xFFFFFFFF:
             raise OSError(errno.EINVAL, "invalid owner id")
+        caps = _capget() if self.uid or self.gid else None
         sc.setfsgid(self.gid)
         sc.setfsuid(self.uid)
         if sc.fsuid() != self.uid or sc.fsgid() != self.gid:
             self.__exit__()
             raise OSError(errno.EPERM, "cannot act as the requested uid/gid")
+        if caps is not None:
+            # The set from before the switch: without the securebit (an unsandboxed, in-process
+            # executor) setfsuid has trimmed it meanwhile; the exit's setfsuid(0) and capset restore it.
+            self.saved = (caps[0].effective, caps[1].effective)
+            try:
+                _set_effective(caps, 1 << _CAP_DAC_OVERRIDE, 0)
+            except OSError:
+                self.__exit__()
+                raise
 
     def __exit__(self, *exc: object) -> None:
         sc.setfsuid(os.geteuid())
         sc.setfsgid(os.getegid())
+        if self.saved is not None:
+            caps = _capget()
+            _set_effective(caps, *self.saved)
+            self.saved = None
