@@ -342,7 +342,15 @@ def test_the_mapped_tenant_policy() -> None:
 def test_the_example_shows_both_sections() -> None:
     policy = load_policy(ROOT / "examples/policy.yaml")
     assert policy.ids is not None and policy.ids.uid_to_host(1000) == 101000
-    assert policy.limits.given() == ["requests_per_second", "burst", "truncate_max", "open_fds"]
+    # open_fds is only described there: it cannot be enforced, and lint says so when it is set
+    assert policy.limits.given() == ["requests_per_second", "burst", "truncate_max"]
+
+
+def test_open_fds_is_flagged_as_not_enforced() -> None:
+    text = (ROOT / "examples/policy.yaml").read_text().replace("limits:\n", "limits:\n  open_fds: 64\n", 1)
+    codes = {f.code for f in lint(load_policy_text(text, "p.yaml"))}
+    assert "open-fds-not-enforced" in codes
+    assert "open-fds-not-enforced" not in {f.code for f in lint(load_policy(ROOT / "examples/policy.yaml"))}
 
 
 def test_a_map_survives_pickling_and_replace() -> None:

@@ -86,7 +86,7 @@ def test_example_tour_uses_every_feature() -> None:
                  "target_resolved:", "target_absolute:", "target_dotdot:", "length_min:", "length_max:",
                  "xattr:", "xattr_except:", "owner:", "group:", "tests:", "permissive", "ids:", "guest:",
                  "host:", "count:", "unmapped:", "squash_uid:", "squash_gid:", "limits:", "rate:",
-                 "requests_per_second:", "burst:", "truncate_max:", "open_fds:"]:
+                 "requests_per_second:", "burst:", "truncate_max:", "open_fds"]:
         assert word in text, word
     policy = load_policy(ROOT / "examples/policy.yaml")
     exercised = {rule for r in run_tests(policy) for rule in r.decision.matched}

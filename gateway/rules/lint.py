@@ -184,6 +184,12 @@ def lint(policy: Policy) -> list[Finding]:
                                    f"whenever it does and takes precedence (it has the same effect)"))
                 break
     out += _ids_findings(policy)
+    if policy.limits.open_fds is not None:
+        # Honest about what cannot be enforced: once an fd crosses the socket (SCM_RIGHTS) it lives in
+        # QEMU's fd table, and the gateway never learns when QEMU closes it.
+        out.append(Finding("warning", "open-fds-not-enforced", 0, None,
+                           "limits.open_fds is accepted but not enforced: an fd sent to QEMU is closed "
+                           "there, out of the gateway's sight, so the fds a guest holds cannot be counted"))
     if policy.enforcement == "permissive":
         out.append(Finding("info", "permissive", 0, None,
                            "enforcement: permissive: denials are recorded as would-deny and performed anyway "
