@@ -16,7 +16,12 @@ COMMANDS = {
     "demo": "a scripted guest session against a real gateway, then its summary",
 }
 # Subcommands with an add_arguments(parser) / run(args) module, imported only when they run.
-MODULES = {"audit": "gateway.audit_cli", "check": "gateway.check", "inspect": "gateway.inspect", "demo": "gateway.demo"}
+MODULES = {
+    "audit": "gateway.audit_cli",
+    "check": "gateway.check",
+    "inspect": "gateway.inspect",
+    "demo": "gateway.demo",
+}
 
 
 def _usage() -> str:
