@@ -11,7 +11,11 @@ from helpers import require_root
 def test_demo_runs_every_step_as_expected() -> None:
     require_root()
     out = subprocess.run(
-        [sys.executable, "-m", "gateway", "demo"], capture_output=True, text=True, timeout=120, env={"COLUMNS": "160"}
+        [sys.executable, "-m", "gateway", "demo"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"COLUMNS": "160"},
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "15 of 15 steps went as expected" in out.stdout
