@@ -105,7 +105,7 @@ def test_twenty_tenants_at_once_each_confined_to_its_own_export(tmp_path: Path) 
         assert {r["tenant"] for r in records} == {f"guest-{i}"}
     # Memory is not timing: every gateway stays under the target while twenty run at once.
     print(f"RSS of {TENANTS} gateways: max {max(rss)} kB, total {sum(rss) / 1024:.1f} MB")
-    assert max(rss) < 40 * 1024, rss
+    assert max(rss) < 40 * 1024, rss  # a guard only: the 30 MB target is bench_proxy.py's to report
 
 
 def test_policy_dir_needs_a_tenant(tmp_path: Path) -> None:

@@ -11,10 +11,9 @@ import difflib
 import math
 from typing import Any
 
-from cerberus import TypeDefinition, Validator, errors
-
 from gateway import names
 from gateway.rules import globs, idmap, model
+from gateway.rules._cerberus import TypeDefinition, Validator, errors
 
 RULE_ID_RE = r"[A-Za-z0-9][A-Za-z0-9_.:@/-]{0,127}"
 
