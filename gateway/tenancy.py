@@ -86,20 +86,22 @@ class RateLimiter:
         self.window_start = self.last
 
     def take(self) -> float:
-        """Take one token, sleeping if there is none; returns the seconds slept."""
+        """Take one token, sleeping if there is none; returns the seconds slept. A sleep that overshoots
+        is credited back as tokens, so the guest gets the whole rate, not the rate minus the overshoot."""
         now = time.monotonic()
         self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
         self.last = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return 0.0
-        wait = (1 - self.tokens) / self.rate
-        time.sleep(wait)
-        self.last = time.monotonic()
-        self.tokens = 0.0
-        self.delayed += 1
-        self.delay_s += wait
-        return wait
+        waited = 0.0
+        if self.tokens < 1:
+            time.sleep((1 - self.tokens) / self.rate)
+            after = time.monotonic()
+            waited = after - now
+            self.tokens = min(self.burst, self.tokens + waited * self.rate)
+            self.last = after
+            self.delayed += 1
+            self.delay_s += waited
+        self.tokens -= 1
+        return waited
 
     def summary_due(self) -> dict[str, float] | None:
         """The hits since the last summary, once a second, or None."""
