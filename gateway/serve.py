@@ -264,6 +264,10 @@ def policy_reloader(policy_path: Path) -> tuple[Callable[[], Policy], int]:
 
 
 def run(argv: list[str], prog: str = "gateway serve") -> int:
+    # A reload or rotation signal that lands during start-up must not kill the gateway (both signals
+    # terminate by default); until the server can act on them, they are ignored.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     try:
         opts = parse_options(argv, prog)
         check_export(opts.path)

@@ -315,3 +315,37 @@ def test_protocol_errors_are_recorded(export: Path, tmp_path: Path) -> None:
     events = [r["event"] for r in _records(trail)]
     assert events.count("protocol-error") == 2
     assert events[0] == "start" and events[-2:] == ["client-gone", "stop"]
+
+
+def test_reload_under_load_loses_no_request(export: Path, tmp_path: Path) -> None:
+    """SIGHUPs land while a client keeps requests flowing: every request gets its reply, in order, and
+    each reload is swapped in between two requests (its record sits between two request records)."""
+    require_root()
+    policy = tmp_path / "p.yaml"
+    policy.write_text("version: 1\ntenant: t\ndefault: allow\nrules: []\n")
+    trail = tmp_path / "trail.jsonl"
+    with _serve(export, trail, "--policy", str(policy)) as gw:
+        gw.client.lstat(b"/")  # serving: its handlers are in place (before, SIGHUP is ignored or fatal)
+        replies: list[int] = []
+        done = threading.Event()
+
+        def hammer() -> None:
+            for i in range(3000):
+                replies.append(gw.client.call(p.Lstat(f"/etc/passwd{'' if i % 2 else '/'}".encode())).errno)
+            done.set()
+
+        worker = threading.Thread(target=hammer)
+        worker.start()
+        sent = 0
+        while not done.is_set() and sent < 20:
+            os.kill(gw.proc.pid, signal.SIGHUP)
+            sent += 1
+            time.sleep(0.02)
+        worker.join(60)
+    assert len(replies) == 3000
+    assert replies[1::2] == [0] * 1500 and replies[0::2] == [errno.ENOTDIR] * 1500  # answered in order
+    records = _records(trail)
+    reloads = [r for r in records if r["event"] == "policy-reload"]
+    assert reloads and all(r["result"] == "ok" for r in reloads)
+    assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
+    assert sum(r["event"] == "request" for r in records) == 3001
