@@ -39,6 +39,8 @@ ALLOWED: tuple[str, ...] = (
     "getresuid", "getresgid",
     # the audit trail: append, sync, reopen on SIGUSR1
     "fsync", "fdatasync", "flock", "umask",
+    # --console: the renderer (started before the filter) is reaped at exit; reaping cannot start anything
+    "wait4",
     # the CPython runtime
     "brk", "mmap", "munmap", "mremap", "mprotect", "madvise", "futex", "getrandom",
     "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "sigaltstack", "getpid", "gettid", "getppid",

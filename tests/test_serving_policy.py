@@ -349,3 +349,36 @@ def test_reload_under_load_loses_no_request(export: Path, tmp_path: Path) -> Non
     assert reloads and all(r["result"] == "ok" for r in reloads)
     assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
     assert sum(r["event"] == "request" for r in records) == 3001
+
+
+def test_console_shows_each_decision_and_exits_cleanly_under_the_filter(export: Path, tmp_path: Path) -> None:
+    require_root()
+    ours, theirs = socket.socketpair()
+    proc = subprocess.Popen(
+        [
+            *SERVE,
+            "-p",
+            str(export),
+            "-f",
+            str(theirs.fileno()),
+            "-n",
+            "--console",
+            "--audit-log",
+            str(tmp_path / "t"),
+        ],
+        pass_fds=[theirs.fileno()],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    theirs.close()
+    from gateway.client import Client
+
+    c = Client(ours)
+    c.lstat(b"/etc/passwd")
+    assert c.call(p.Mknod(0, 0, b"/sda", stat.S_IFBLK | 0o600, 2048)).errno == errno.EPERM
+    c.close()
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err.decode()  # not killed by seccomp on the way out
+    text = out.decode()
+    assert "lstat" in text and "/etc/passwd" in text
+    assert "deny" in text and "no-device-nodes" in text and "/sda" in text
