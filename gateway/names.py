@@ -81,6 +81,29 @@ def open_flags_from_names(names: list[str] | str) -> int:
     return value
 
 
+# OPEN is a read or a write by its flags: a write access mode, or a flag that changes or creates the file
+# (O_TMPFILE creates an unnamed one).
+OPEN_WRITE_FLAG_NAMES = frozenset(
+    {"O_WRONLY", "O_RDWR", "O_ACCMODE", "O_TRUNC", "O_APPEND", "O_CREAT", "__O_TMPFILE"}
+)
+OPEN_WRITE_FLAGS = 3 | sum(OPEN_FLAG_BITS[n] for n in OPEN_WRITE_FLAG_NAMES if n in OPEN_FLAG_BITS)
+
+# The op groups of the policy language and of `gateway audit --op`, in one place. A group names op
+# classes: op names, and open:read / open:write for the two kinds of OPEN. rename is both a create (a new
+# name appears) and a delete (the old one goes).
+_WRITE_OPS = (
+    "create mknod mkdir symlink link rename remove truncate chmod chown utime lsetxattr lremovexattr".split()
+)
+OP_GROUPS: dict[str, frozenset[str]] = {
+    "read": frozenset({"open:read", "lstat", "readlink", "statfs", "lgetxattr", "llistxattr", "getversion"}),
+    "write": frozenset({"open:write", *_WRITE_OPS}),
+    "create": frozenset({"create", "mknod", "mkdir", "symlink", "link", "rename"}),
+    "delete": frozenset({"remove", "rename"}),
+    "attr": frozenset({"chmod", "chown", "truncate", "utime"}),
+    "xattr": frozenset({"lgetxattr", "llistxattr", "lsetxattr", "lremovexattr"}),
+    "all": frozenset({"open:read", "open:write", *(n for n in OPS_BY_NAME if n != "open")}),
+}
+
 XATTR_FLAG_NAMES = {1: "XATTR_CREATE", 2: "XATTR_REPLACE"}
 
 

@@ -16,46 +16,15 @@ from datetime import UTC, datetime, timedelta
 from json.encoder import encode_basestring_ascii as quote  # type: ignore[attr-defined]
 from typing import Any
 
+from gateway import names
 from gateway.names import OPS_BY_NAME
 
 ALL_OPS = frozenset(OPS_BY_NAME)
 
-# OPEN is a read or a write depending on its flags; it is classified as "open:read" or "open:write"
-# (see op_class) so that one table can say where each belongs. As the policy language has it: a write
-# access mode, or a flag that changes or creates the file (O_TMPFILE creates one).
-OPEN_WRITE_FLAGS = frozenset(
-    {"O_WRONLY", "O_RDWR", "O_ACCMODE", "O_TRUNC", "O_APPEND", "O_CREAT", "__O_TMPFILE"}
-)
-
-# The op groups, in one place for the review side; the same as the policy language's (a test keeps the
-# two in step). A group names op classes: op names, plus open:read / open:write. rename is a create (a
-# new name appears) and a delete (the old one goes).
-OP_GROUPS: dict[str, frozenset[str]] = {
-    "read": frozenset({"open:read", "lstat", "readlink", "statfs", "lgetxattr", "llistxattr", "getversion"}),
-    "write": frozenset(
-        {
-            "open:write",
-            "create",
-            "mknod",
-            "mkdir",
-            "symlink",
-            "link",
-            "rename",
-            "remove",
-            "truncate",
-            "chmod",
-            "chown",
-            "utime",
-            "lsetxattr",
-            "lremovexattr",
-        }
-    ),
-    "create": frozenset({"create", "mknod", "mkdir", "symlink", "link", "rename"}),
-    "delete": frozenset({"remove", "rename"}),
-    "attr": frozenset({"chmod", "chown", "utime", "truncate"}),
-    "xattr": frozenset({"lgetxattr", "llistxattr", "lsetxattr", "lremovexattr"}),
-    "all": frozenset((ALL_OPS - {"open"}) | {"open:read", "open:write"}),
-}
+# The op groups and what makes an OPEN a write ("open:read" or "open:write"): one table, shared with
+# the policy language.
+OP_GROUPS = names.OP_GROUPS
+OPEN_WRITE_FLAGS = names.OPEN_WRITE_FLAG_NAMES
 
 DECISIONS = ("allow", "deny", "would-deny")
 

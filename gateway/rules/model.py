@@ -32,35 +32,26 @@ SLOT_NAMES: dict[int, str] = {int(t): names.OP_NAMES[t] for t in RT}
 SLOT_NAMES[OPEN_READ] = "open (read)"
 SLOT_NAMES[OPEN_WRITE] = "open (write)"
 
-# Flags that make an OPEN a write: a write access mode, or anything that changes the file's contents or
-# creates it. O_TMPFILE creates an (unnamed) file, so it is a write too.
-OPEN_WRITE_FLAGS = (
-    3
-    | names.OPEN_FLAG_BITS["O_TRUNC"]
-    | names.OPEN_FLAG_BITS["O_APPEND"]
-    | names.OPEN_FLAG_BITS["O_CREAT"]
-    | names.OPEN_FLAG_BITS["__O_TMPFILE"]
-)
+OPEN_WRITE_FLAGS = names.OPEN_WRITE_FLAGS  # what makes an OPEN a write (names.py says why)
 
 
 def _s(*types: RT) -> frozenset[int]:
     return frozenset(int(t) for t in types)
 
 
-# The groups, as examples/policy.yaml documents them. rename is both a create (a new name appears) and a
-# delete (the old one goes): denying either in a tree stops renames into or out of it.
+def _slot(op_class: str) -> int:
+    if op_class == "open:read":
+        return OPEN_READ
+    if op_class == "open:write":
+        return OPEN_WRITE
+    return int(names.OPS_BY_NAME[op_class])
+
+
+# The groups (names.OP_GROUPS, shared with `gateway audit --op`) as the engine's slots.
 GROUPS: dict[str, frozenset[int]] = {
-    "read": _s(RT.LSTAT, RT.READLINK, RT.STATFS, RT.LGETXATTR, RT.LLISTXATTR, RT.GETVERSION) | {OPEN_READ},
-    "write": _s(
-        RT.CREATE, RT.MKNOD, RT.MKDIR, RT.SYMLINK, RT.LINK, RT.CHMOD, RT.CHOWN, RT.TRUNCATE, RT.UTIME,
-        RT.RENAME, RT.REMOVE, RT.LSETXATTR, RT.LREMOVEXATTR,
-    ) | {OPEN_WRITE},
-    "create": _s(RT.CREATE, RT.MKNOD, RT.MKDIR, RT.SYMLINK, RT.LINK, RT.RENAME),
-    "delete": _s(RT.REMOVE, RT.RENAME),
-    "attr": _s(RT.CHMOD, RT.CHOWN, RT.TRUNCATE, RT.UTIME),
-    "xattr": _s(RT.LGETXATTR, RT.LLISTXATTR, RT.LSETXATTR, RT.LREMOVEXATTR),
-    "all": frozenset(SLOTS),
+    group: frozenset(_slot(c) for c in classes) for group, classes in names.OP_GROUPS.items()
 }
+assert GROUPS["all"] == frozenset(SLOTS)
 
 
 def op_slots(name: str) -> frozenset[int] | None:
