@@ -16,7 +16,7 @@ process is also chrooted. The model is virtiofsd's file-system code:
 
 Create-type requests run with the guest's uid/gid as the fs ids (setfsuid/setfsgid, per thread: the
 server is single-threaded on purpose), so the object is born owned by the guest's user; while acting as
-anyone but root:root only CAP_DAC_OVERRIDE is effective, as in the reference (see FsIds).
+anyone but root:root only CAP_DAC_OVERRIDE is effective, as in the reference (see gateway/fsids.py).
 
 Errors match the reference's answers (tests/test_differential.py holds the two side by side): where
 the kernel would answer before opening anything (ENOTDIR, ELOOP, EISDIR, EINVAL for impossible flags,
@@ -25,7 +25,6 @@ ENAMETOOLONG for a path of PATH_MAX bytes), the executor answers the same before
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import logging
@@ -37,6 +36,7 @@ from dataclasses import dataclass
 
 from gateway import protocol as p
 from gateway import syscalls as sc
+from gateway.fsids import FsIds
 
 log = logging.getLogger("gateway.executor")
 
@@ -67,6 +67,7 @@ class Result:
 
 
 OK = Result()
+_stat_payload = p.stat_payload
 
 
 class Target:
@@ -215,7 +216,9 @@ class Executor:
             raise OSError(errno.ELOOP, "O_NOFOLLOW on a symlink")  # O_PATH|O_NOFOLLOW: ENXIO below
         if stat.S_ISDIR(st.st_mode) and flags & os.O_CREAT and not flags & os.O_PATH:
             raise OSError(errno.EISDIR, "O_CREAT on a directory")  # O_PATH ignores O_CREAT
-        self._openable(obj)
+        # _openable's type check on the fstat above (the same O_PATH fd: a second fstat learnt nothing).
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            raise OSError(errno.ENXIO, "not a regular file or directory")
         return Result(fd=self.reopen(obj, flags, mode))
 
     def _open_or_create(self, path: bytes, flags: int, mode: int) -> Result:
@@ -380,11 +383,29 @@ class Executor:
             t.close()
 
     def lstat(self, r: p.Lstat) -> Result:
-        return self._inode_op(
-            r.path,
-            lambda d, n: Result(payload=p.stat_payload(os.stat(n, dir_fd=d, follow_symlinks=False))),
-            lambda fd: Result(payload=p.stat_payload(os.fstat(fd))),
-        )
+        # The most frequent request: target() and _inode_op inlined for a plain name (no trailing slash,
+        # not '.' or '..'), without a Target and two closures per call; anything else takes the general
+        # path. Same resolution: the parent beneath the root, then fstatat without following the name.
+        path = r.path
+        self.check_path(path)
+        stripped = path.rstrip(b"/")
+        slash = stripped.rfind(b"/")
+        name = stripped[slash + 1 :]
+        if not stripped or len(stripped) != len(path) or name == b"." or name == b"..":
+            return self._inode_op(
+                path,
+                lambda d, n: Result(0, _stat_payload(os.stat(n, dir_fd=d, follow_symlinks=False))),
+                lambda fd: Result(0, _stat_payload(os.fstat(fd))),
+            )
+        parent = stripped[: slash + 1]
+        if not parent.strip(b"/"):  # a top-level name: the root fd is the parent
+            return Result(0, _stat_payload(os.stat(name, dir_fd=self.root_fd, follow_symlinks=False)))
+        dirfd = sc.openat2(self.root_fd, parent, _O_PARENT)
+        try:
+            st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+        finally:
+            os.close(dirfd)
+        return Result(0, _stat_payload(st))
 
     def readlink(self, r: p.Readlink) -> Result:
         if r.bufsize <= 1:  # the reference reads into bufsize-1 bytes: 0 or less is EINVAL
@@ -545,86 +566,3 @@ GETVERSION_MAGICS = {0xEF53, 0x9123683E, 0x52654973, 0x58465342}
 
 def getversion_supported(root_fd: int) -> bool:
     return sc.fstatfs(root_fd)[0] in GETVERSION_MAGICS
-
-
-class _CapHeader(ctypes.Structure):
-    _fields_ = (("version", ctypes.c_uint32), ("pid", ctypes.c_int))
-
-
-class _CapData(ctypes.Structure):
-    _fields_ = (
-        ("effective", ctypes.c_uint32),
-        ("permitted", ctypes.c_uint32),
-        ("inheritable", ctypes.c_uint32),
-    )
-
-
-_CAP_VERSION_3 = 0x20080522  # _LINUX_CAPABILITY_VERSION_3: two 32-bit words per set
-_CAP_DAC_OVERRIDE = 1
-_libc = ctypes.CDLL("libc.so.6", use_errno=True)
-
-
-def _capget() -> ctypes.Array[_CapData]:
-    data = (_CapData * 2)()
-    if _libc.capget(ctypes.byref(_CapHeader(_CAP_VERSION_3, 0)), data) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"capget: {os.strerror(err)}")
-    return data
-
-
-def _set_effective(data: ctypes.Array[_CapData], low: int, high: int) -> None:
-    """capset(2) with only the effective set changed (never beyond the permitted set)."""
-    data[0].effective = low & data[0].permitted
-    data[1].effective = high & data[1].permitted
-    if _libc.capset(ctypes.byref(_CapHeader(_CAP_VERSION_3, 0)), data) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"capset: {os.strerror(err)}")
-
-
-class FsIds:
-    """Run a block with the guest's uid/gid as the fs ids, restored afterwards.
-
-    setfsuid/setfsgid change only this thread's fs ids, so the server must stay single-threaded. The
-    securebit SECBIT_NO_SETUID_FIXUP (set by the sandbox) keeps the kernel from clearing our effective
-    capabilities when the fsuid leaves 0, so they are never lost on the way back.
-
-    While acting as anyone but root:root, only CAP_DAC_OVERRIDE stays effective, as in the reference
-    (setugid + capng_apply: "we still need DAC_OVERRIDE because we don't change supplementary group
-    ids"). Keeping all seven let a uid-1000 MKNOD make a device (CAP_MKNOD) and kept the setgid bit of a
-    file created in another group's setgid directory (CAP_FSETID), where the reference answers EPERM
-    and clears the bit. The effective set is restored on exit (capset within the permitted set; the
-    seccomp allowlist must permit capget/capset)."""
-
-    __slots__ = ("gid", "saved", "uid")
-
-    def __init__(self, uid: int, gid: int) -> None:
-        self.uid = uid & 0xFFFFFFFF
-        self.gid = gid & 0xFFFFFFFF
-        self.saved: tuple[int, int] | None = None
-
-    def __enter__(self) -> None:
-        if self.uid == 0xFFFFFFFF or self.gid == 0xFFFFFFFF:
-            raise OSError(errno.EINVAL, "invalid owner id")
-        caps = _capget() if self.uid or self.gid else None
-        sc.setfsgid(self.gid)
-        sc.setfsuid(self.uid)
-        if sc.fsuid() != self.uid or sc.fsgid() != self.gid:
-            self.__exit__()
-            raise OSError(errno.EPERM, "cannot act as the requested uid/gid")
-        if caps is not None:
-            # The set from before the switch: without the securebit (an unsandboxed, in-process
-            # executor) setfsuid has trimmed it meanwhile; the exit's setfsuid(0) and capset restore it.
-            self.saved = (caps[0].effective, caps[1].effective)
-            try:
-                _set_effective(caps, 1 << _CAP_DAC_OVERRIDE, 0)
-            except OSError:
-                self.__exit__()
-                raise
-
-    def __exit__(self, *exc: object) -> None:
-        sc.setfsuid(os.geteuid())
-        sc.setfsgid(os.getegid())
-        if self.saved is not None:
-            caps = _capget()
-            _set_effective(caps, *self.saved)
-            self.saved = None

@@ -32,6 +32,8 @@ from gateway.audit.fields import FIELD_ORDER, request_fragment, text
 from gateway.audit.syslog import DEFAULT_ADDRESS, SyslogSink
 
 ZERO_HASH = "0" * 64
+_write = os.write
+_sha256 = hashlib.sha256
 DEFAULT_DIR = "/var/log/gateway"
 SYNC_MODES = ("never", "every", "interval")
 PIPE_BUF = 4096  # a pipe write up to this size is atomic: the console renderer never sees half a line
@@ -273,10 +275,28 @@ class AuditWriter:
                 f"{request_fragment(request)}"
                 f',"decision":{_DECISIONS.get(decision) or quote(decision)}'
                 f',"rule":{"null" if rule is None else quote(rule)}'
-                f',"reason":{quote(reason)},"result":{quote(result)},"us":{_number(us)}'
+                f',"reason":{quote(reason)},"result":{quote(result)}'
+                f',"us":{_number(us)}'
                 f"{_members(extra, _REQUEST_KEYS) if extra else ''}"
             )
-            self._emit(body, now, "request", decision, rule, request)
+            if self._first_extra or self.notes or self._syslog is not None or self._console is not None:
+                self._emit(body, now, "request", decision, rule, request)
+            else:
+                # _emit's steps for the common configuration (no notes pending, no copies to send),
+                # inlined: this runs once per request, between the operation and the reply.
+                line = (body + ',"prev":"' + self._prev + '"}').encode("ascii")
+                data = line + b"\n"
+                try:
+                    written = _write(self._fd, data)
+                except OSError as exc:  # nothing reached the file: no torn line to note
+                    why = f"audit write to {self.path} failed: {exc.strerror}"
+                    raise AuditError(exc.errno, why) from None
+                if written != len(data):  # a short write (a full disk): finish it, or note a torn line
+                    self._write_all(data, written)
+                self._prev = _sha256(line).hexdigest()
+                self._seq += 1
+                if self._sync != "never":
+                    self._sync_now(self._sync == "every")
         finally:
             self._busy = False
         if self._reopen_pending:
@@ -343,9 +363,9 @@ class AuditWriter:
                 raise AuditError(exc.errno, f"audit sync of {self.path} failed: {exc.strerror}") from None
             self._last_sync = mono
 
-    def _write_all(self, data: bytes) -> None:
+    def _write_all(self, data: bytes, written: int = 0) -> None:
+        """Write data from offset written on (the bytes before it are already in the file)."""
         view = memoryview(data)
-        written = 0
         try:
             while written < len(data):
                 written += os.write(self._fd, view[written:])
