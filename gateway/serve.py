@@ -343,6 +343,7 @@ def run(argv: list[str], prog: str = "gateway serve") -> int:
     )
     log.info("serving %s with policy %s (%s)", export, policy_path, state.as_dict())
     stats = server.serve()
+    server.flush_limit_hits()
     if stats.end == "client closed the connection":
         trail.lifecycle("client-gone", requests=stats.requests)
     trail.lifecycle(

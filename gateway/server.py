@@ -78,16 +78,23 @@ class Server:
     def set_policy(self, policy: Policy) -> None:
         """Swap the policy in force (called between two requests), with its id map and limits."""
         self.policy = policy
-        ids = getattr(policy, "ids", None)
-        self.ids = IdTranslator(ids) if ids is not None else None
-        limits = getattr(policy, "limits", None)
-        rps = getattr(limits, "requests_per_second", None)
-        self.rate = RateLimiter(rps, getattr(limits, "burst", None) or int(rps)) if rps else None
-        self.truncate_max: int | None = getattr(limits, "truncate_max", None)
+        self.ids = IdTranslator(policy.ids) if policy.ids is not None else None
+        limits = policy.limits
+        rps = limits.requests_per_second
+        self.rate = RateLimiter(rps, limits.burst or max(1, int(rps))) if rps else None
+        self.truncate_max: int | None = limits.truncate_max
         # Canonicalising costs an openat2 and a readlink; a policy without path conditions needs none.
         self._paths_matter = any(r.paths is not None or r.except_ is not None for r in policy.rules)
         if self.audit is not None:
             self.audit.set_policy(policy.hash)
+
+    def flush_limit_hits(self) -> None:
+        """At the end of a session: the rate-limit hits not yet summarised get their record."""
+        if self.audit is not None and self.rate is not None and self.rate.delayed:
+            self.rate.window_start -= 1.0  # due now, whatever is left of the current second
+            hits = self.rate.summary_due()
+            if hits is not None:
+                self.audit.lifecycle("limit", limit="rate", **hits)
 
     def request_reload(self) -> None:
         """SIGHUP: reload the policy between two requests (now, if none is being handled)."""

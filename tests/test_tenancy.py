@@ -165,3 +165,21 @@ def test_squash_end_to_end(tmp_path: Path) -> None:
         gw.client.mkdir(b"/d", 0o755, uid=70000, gid=70000)
         assert os.stat(export / "d").st_uid == 65534
         assert gw.client.lstat(b"/d").uid == 65534  # a host id outside every range: the overflow id
+
+
+def test_rate_limit_slows_never_fails_and_is_recorded(tmp_path: Path) -> None:
+    require_root()
+    export = tmp_path / "export"
+    export.mkdir()
+    policy = tmp_path / "rate.yaml"
+    policy.write_text(
+        "version: 1\ntenant: r\ndefault: allow\nrules: []\nlimits:\n  rate: {requests_per_second: 100, burst: 5}\n"
+    )
+    trail = tmp_path / "trail.jsonl"
+    serve = [sys.executable, "-m", "gateway", "serve"]
+    with over_socketpair(serve, export, extra=["--policy", str(policy), "--audit-log", str(trail)]) as gw:
+        replies = [gw.client.call(p.Lstat(b"/")).errno for _ in range(40)]
+    assert replies == [0] * 40  # over the rate: slowed, not failed
+    limits = [r for r in _records(trail) if r["event"] == "limit"]
+    assert limits and limits[0]["limit"] == "rate"
+    assert sum(int(r["delayed"]) for r in limits) >= 30  # 40 requests, a burst of 5: the rest waited
