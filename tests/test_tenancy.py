@@ -173,7 +173,8 @@ def test_rate_limit_slows_never_fails_and_is_recorded(tmp_path: Path) -> None:
     export.mkdir()
     policy = tmp_path / "rate.yaml"
     policy.write_text(
-        "version: 1\ntenant: r\ndefault: allow\nrules: []\nlimits:\n  rate: {requests_per_second: 100, burst: 5}\n"
+        "version: 1\ntenant: r\ndefault: allow\nrules: []\n"
+        "limits:\n  rate: {requests_per_second: 100, burst: 5}\n"
     )
     trail = tmp_path / "trail.jsonl"
     serve = [sys.executable, "-m", "gateway", "serve"]
