@@ -11,23 +11,10 @@ from __future__ import annotations
 import os
 
 from gateway import syscalls as sc
+from gateway.paths import normalise_bytes
 
 _O_PATH = os.O_PATH | os.O_CLOEXEC
 _O_PARENT = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
-
-
-def lexical(path: bytes) -> bytes:
-    """Normalise without looking at the file system: collapse '//' and '.', clamp '..' at the root."""
-    parts: list[bytes] = []
-    for part in path.split(b"/"):
-        if part in (b"", b"."):
-            continue
-        if part == b"..":
-            if parts:
-                parts.pop()
-            continue
-        parts.append(part)
-    return b"/" + b"/".join(parts)
 
 
 class Canonicalizer:
@@ -66,12 +53,12 @@ class Canonicalizer:
         name = stripped[slash + 1 :]
         parent = stripped[: slash + 1]
         if not stripped or name in (b".", b".."):
-            return self._resolved(path, _O_PARENT) or lexical(path)
+            return self._resolved(path, _O_PARENT) or normalise_bytes(path)
         if not parent.strip(b"/"):
             return b"/" + name
         real_parent = self._resolved(parent, _O_PARENT)
         if real_parent is None:  # the request will fail to resolve too; decide on the lexical form
-            return lexical(path)
+            return normalise_bytes(path)
         return real_parent.rstrip(b"/") + b"/" + name
 
     def stat(self, path: bytes) -> os.stat_result | None:

@@ -162,17 +162,3 @@ def drop_capabilities(state: SandboxState) -> None:
     prctl.cap_effective.limit(*keep)
     prctl.cap_permitted.limit(*keep)
     state.capabilities = sorted(KEPT_CAPABILITIES)
-
-
-def read_status(pid: int | str = "self") -> dict[str, str]:
-    """/proc/PID/status as a dict (CapEff, CapPrm, CapBnd, CapInh, CapAmb, NoNewPrivs, Seccomp, ...)."""
-    fields: dict[str, str] = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            fields[key] = value.strip()
-    return fields
-
-
-def capability_mask(names: list[str] | None = None) -> int:
-    return sum(1 << KEPT_CAPABILITIES[n] for n in (names or list(KEPT_CAPABILITIES)))

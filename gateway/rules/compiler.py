@@ -20,6 +20,7 @@ from operator import attrgetter
 from typing import Any
 
 from gateway import names
+from gateway.paths import normalise
 from gateway.protocol import RequestType as RT
 from gateway.rules import model
 from gateway.rules.model import Conditions, Decision, ObjectAttrs, ObjectConditions, Rule
@@ -136,17 +137,7 @@ def _text(attr: str) -> Callable[[Any], str]:
 
 def resolve_target(link_path: str, target: str) -> str:
     """Where a symlink's target points inside the export, resolved lexically from the link's directory."""
-    base = target if target.startswith("/") else link_path.rsplit("/", 1)[0] + "/" + target
-    stack: list[str] = []
-    for part in base.split("/"):
-        if part in ("", "."):
-            continue
-        if part == "..":
-            if stack:
-                stack.pop()
-        else:
-            stack.append(part)
-    return "/" + "/".join(stack)
+    return normalise(target if target.startswith("/") else link_path.rsplit("/", 1)[0] + "/" + target)
 
 
 def _target_conds(c: Conditions) -> list[Cond]:
@@ -186,16 +177,7 @@ def model_path(raw: bytes) -> str:
             return path
         if "/./" not in path and "/../" not in path and not path.endswith(("/.", "/..")):
             return path
-    stack: list[str] = []
-    for part in path.split("/"):
-        if part in ("", "."):
-            continue
-        if part == "..":
-            if stack:
-                stack.pop()
-        else:
-            stack.append(part)
-    return "/" + "/".join(stack)
+    return normalise(path)
 
 
 def request_conds(c: Conditions, slot: int) -> list[Cond] | None:
