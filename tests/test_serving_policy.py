@@ -382,3 +382,37 @@ def test_console_shows_each_decision_and_exits_cleanly_under_the_filter(export: 
     text = out.decode()
     assert "lstat" in text and "/etc/passwd" in text
     assert "deny" in text and "no-device-nodes" in text and "/sda" in text
+
+
+def test_audit_syslog_copies_reach_dev_log_under_the_filter(export: Path, tmp_path: Path) -> None:
+    """--audit-syslog: the socket is connected before the sandbox and written after it (sendto only)."""
+    require_root()
+    ours_listener = None
+    if not os.path.exists("/dev/log"):  # no syslog daemon here: stand in for one
+        ours_listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        ours_listener.bind("/dev/log")
+        ours_listener.settimeout(5)
+    try:
+        trail = tmp_path / "trail.jsonl"
+        with _serve(export, trail, "--audit-syslog") as gw:
+            gw.client.lstat(b"/etc/passwd")
+            assert gw.client.call(p.Mknod(0, 0, b"/sda", stat.S_IFBLK | 0o600, 2048)).errno == errno.EPERM
+        assert gw.proc.returncode == 0
+        notes = json.dumps(_records(trail)[0])
+        assert "unavailable" not in notes
+        if ours_listener is not None:
+            messages = []
+            while True:
+                try:
+                    messages.append(ours_listener.recv(65536).decode())
+                except TimeoutError:
+                    break
+                if any('decision="deny"' in m for m in messages) and any(" stop " in m for m in messages):
+                    break
+            deny = next(m for m in messages if 'decision="deny"' in m)
+            assert deny.startswith("<") and "[gateway@32473 " in deny and 'rule="no-device-nodes"' in deny
+            assert '"op":"mknod"' in deny  # the record itself is the message
+    finally:
+        if ours_listener is not None:
+            ours_listener.close()
+            os.unlink("/dev/log")
