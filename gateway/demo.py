@@ -199,8 +199,9 @@ def run(args: argparse.Namespace) -> int:
     audit_cli.add_arguments(parser)
     audit_cli.run(parser.parse_args([str(trail), "--summary"]))
     verified = audit_cli.run(parser.parse_args([str(trail), "--verify"]))
-    console.print(f"\nreview it yourself:  gateway audit {trail}   (--summary, --verify, --decision deny)")
-    if not args.keep:
+    if args.keep:
+        console.print(f"\nreview it yourself:  gateway audit {trail}  (--summary, --verify, --decision deny)")
+    else:
         subprocess.run(["rm", "-rf", str(tmp)], check=False)
-        console.print("(removed; rerun with --keep to look around)")
+        console.print("\n(the export and trail were temporary; rerun with --keep to look around)")
     return 0 if good == len(results) and untouched and verified == 0 else 1
