@@ -9,6 +9,7 @@ so the guest cannot swap a symlink between this resolution and the executor's.
 from __future__ import annotations
 
 import os
+import stat
 
 from gateway import syscalls as sc
 from gateway.paths import normalise_bytes
@@ -48,6 +49,11 @@ class Canonicalizer:
             real = self._resolved(path, _O_PATH)
             if real is not None:
                 return real
+            return self._through_dangling(path)
+        return self._at_parent(path)
+
+    def _at_parent(self, path: bytes) -> bytes:
+        """The final component as named, in its parent resolved beneath the export."""
         stripped = path.rstrip(b"/")
         slash = stripped.rfind(b"/")
         name = stripped[slash + 1 :]
@@ -60,6 +66,29 @@ class Canonicalizer:
         if real_parent is None:  # the request will fail to resolve too; decide on the lexical form
             return normalise_bytes(path)
         return real_parent.rstrip(b"/") + b"/" + name
+
+    def _through_dangling(self, path: bytes) -> bytes:
+        """Where a following request that creates (O_CREAT without O_EXCL) will create its file when the
+        final component is a dangling symlink: at the end of the link chain, as openat2 RESOLVE_IN_ROOT
+        follows it. Without this, /home/alice/x -> /etc/new would be decided as /home/alice/x."""
+        current = self._at_parent(path)
+        for _ in range(40):  # the kernel's own limit on links followed in one lookup
+            st = self.stat(current)
+            if st is None or not stat.S_ISLNK(st.st_mode):
+                return current
+            try:
+                fd = sc.openat2(self.root_fd, current.rsplit(b"/", 1)[0] or b"/", _O_PARENT)
+            except OSError:
+                return current
+            try:
+                target = os.readlink(current.rsplit(b"/", 1)[1], dir_fd=fd)
+            except OSError:
+                return current
+            finally:
+                os.close(fd)
+            base = current.rsplit(b"/", 1)[0]
+            current = self._at_parent(target if target.startswith(b"/") else base + b"/" + target)
+        return current
 
     def stat(self, path: bytes) -> os.stat_result | None:
         """lstat of a path resolved beneath the export, or None when there is nothing there."""

@@ -416,3 +416,34 @@ def test_audit_syslog_copies_reach_dev_log_under_the_filter(export: Path, tmp_pa
         if ours_listener is not None:
             ours_listener.close()
             os.unlink("/dev/log")
+
+
+@pytest.mark.parametrize("target", ["/etc/planted", "../../etc/planted", "chain"])
+def test_create_through_a_dangling_symlink_is_decided_where_it_lands(
+    export: Path, tmp_path: Path, target: str
+) -> None:
+    """O_CREAT without O_EXCL follows a dangling final symlink (as open(2) does, beneath the export): the
+    rules must decide on the file it would create, not on the link's own path in an allowed tree."""
+    require_root()
+    policy = tmp_path / "p.yaml"
+    policy.write_text(POLICY)
+    home = export / "home" / "alice"
+    if target == "chain":  # a link to a link to a dangling target
+        os.symlink("/etc/planted", home / "hop")
+        os.symlink("hop", home / "x")
+    else:
+        os.symlink(target, home / "x")
+    with _serve(export, tmp_path / "t.jsonl", "--policy", str(policy)) as gw:
+        for request in (
+            p.Create(b"/home/alice/x", os.O_CREAT | os.O_WRONLY, 0o644, 1000, 1000),
+            p.Open(b"/home/alice/x", os.O_CREAT | os.O_WRONLY),
+        ):
+            reply = gw.client.call(request)
+            assert reply.errno == errno.EROFS, reply
+        assert not (export / "etc" / "planted").exists()
+        # Where the link leads somewhere allowed, the same request goes through.
+        os.unlink(home / "x")
+        os.symlink("notes", home / "x")
+        fd = gw.client.create(b"/home/alice/x", os.O_CREAT | os.O_WRONLY, 0o644, 1000, 1000)
+        os.close(fd)
+        assert (home / "notes").exists()
