@@ -93,6 +93,8 @@ def _script(export: Path) -> list[Step]:
              owner(alice / "src")),
         Step("alice chmods her file", p.Chmod(b"/home/alice/todo.txt", 0o600), "allowed",
              mode(alice / "todo.txt")),
+        Step("alice gives her notes to group 1001", p.Chown(b"/home/alice/notes.txt", 1000, 1001), "allowed",
+             owner(alice / "notes.txt")),
         Step("alice links to her notes", p.Symlink(1000, 1000, b"notes.txt", b"/home/alice/latest"),
              "allowed"),
         Step("read the link", p.Readlink(b"/home/alice/latest", 256), "allowed",

@@ -18,6 +18,6 @@ def test_demo_runs_every_step_as_expected() -> None:
         env={"COLUMNS": "160"},
     )
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "15 of 15 steps went as expected" in out.stdout
+    assert "16 of 16 steps went as expected" in out.stdout
     assert "denied by no-device-nodes" in out.stdout and "host secret untouched: True" in out.stdout
     assert "trail intact" in out.stdout
