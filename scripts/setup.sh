@@ -15,7 +15,7 @@ say() { echo "setup: $*"; }
 # Debian packages. libcap-dev and gcc build python-prctl; libseccomp2 is what pyseccomp loads.
 pkgs=(libcap-dev libseccomp2 gcc python3-venv python3-dev)
 if [ "$full" = 1 ]; then
-    pkgs+=(qemu-system-common qemu-system-x86 busybox-static libc6-dev attr)
+    pkgs+=(qemu-system-common qemu-system-x86 busybox-static libc6-dev attr systemd)  # systemd: systemd-analyze
 fi
 missing=()
 for p in "${pkgs[@]}"; do
