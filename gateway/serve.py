@@ -23,7 +23,7 @@ from pathlib import Path
 
 from gateway import __version__, landlock
 from gateway.audit import AuditWriter
-from gateway.executor import Executor, getversion_supported
+from gateway.core.executor import Executor, getversion_supported
 from gateway.rules import Policy, PolicyError, load_policy, load_policy_text
 from gateway.sandbox import SandboxConfig, confine
 from gateway.server import Server

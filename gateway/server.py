@@ -19,10 +19,10 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from gateway import protocol as p
-from gateway.canonical import Canonicalizer
-from gateway.executor import Executor, Result
+from gateway.core.executor import Executor, Result
+from gateway.core.resolve import Resolution
 from gateway.names import errno_name
-from gateway.rules import Decision, ObjectAttrs, Policy, decide
+from gateway.rules import Decision, Policy, decide
 from gateway.tenancy import IdTranslator, RateLimiter, Refused, check_truncate
 
 if TYPE_CHECKING:
@@ -35,11 +35,6 @@ _perf_counter_ns = time.perf_counter_ns
 _NO_EXTRA: dict[str, object] = {}  # never mutated: the record's extras when there are none
 
 
-# Which requests follow a final symlink (as the reference's calls do): the rules must see its target.
-_FOLLOWING = frozenset(
-    {p.RequestType.CHMOD, p.RequestType.TRUNCATE, p.RequestType.STATFS, p.RequestType.GETVERSION}
-)
-_MAY_FOLLOW = frozenset({p.RequestType.OPEN, p.RequestType.CREATE})  # unless O_NOFOLLOW
 _TWO_PATHS = frozenset({p.RequestType.RENAME, p.RequestType.LINK})
 # The request classes the decoder yields: serve() tells a request from the rare events with one set
 # lookup on type(event) instead of five isinstance calls per request.
@@ -67,9 +62,7 @@ class Server:
         self.audit = audit
         self.decoder = p.Decoder()
         self.stats = ServeStats()
-        self.canonical = Canonicalizer(executor.root_fd, executor.proc_fd)
         self.policy = policy
-        self._lookup = self.lookup  # bound once: decide() gets it on every request
         self.set_policy(policy)
         self.reloader: Callable[[], Policy] | None = None  # reads and compiles the policy anew
         self._busy = False
@@ -83,8 +76,6 @@ class Server:
         rps = limits.requests_per_second
         self.rate = RateLimiter(rps, limits.burst or max(1, int(rps))) if rps else None
         self.truncate_max: int | None = limits.truncate_max
-        # Canonicalising costs an openat2 and a readlink; a policy without path conditions needs none.
-        self._paths_matter = any(r.paths is not None or r.except_ is not None for r in policy.rules)
         if self.audit is not None:
             self.audit.set_policy(policy.hash)
 
@@ -127,37 +118,56 @@ class Server:
 
     # -- one request ----------------------------------------------------------------------------------
 
-    def lookup(self, path: str) -> os.stat_result | ObjectAttrs | None:
-        """The object's attributes as it is now, for rules on owner/type/mode (asked only when needed);
-        with an id map, its owner as the guest sees it, since the rules speak the guest's ids."""
-        st = self.canonical.stat(os.fsencode(path))
-        if st is None or self.ids is None:
-            return st
-        return self.ids.attrs_to_guest(st)
+    def _lookup_for(self, res: Resolution) -> Callable[[str], object]:
+        """The rules' view of the resolved object (asked only when a rule needs it); with an id map, its
+        owner as the guest sees it, since the rules speak the guest's ids."""
+        ids = self.ids
+        if ids is None:
+            return res.lookup
 
-    def _as_decided(self, request: p.Request) -> p.Request:
-        """The request with the paths it will really touch (symlinked directories resolved beneath the
-        export), so that a rule on /home/alice/** is not fooled by /home/alice/link -> /etc."""
-        t = request.type
-        follow = t in _FOLLOWING or (t in _MAY_FOLLOW and not request.flags & os.O_NOFOLLOW)  # type: ignore[union-attr]
-        path = self.canonical.path(request.path, follow=follow)
-        if t in _TWO_PATHS:
-            path2 = self.canonical.path(request.path2, follow=False)  # type: ignore[union-attr]
-            if path != request.path or path2 != request.path2:  # type: ignore[union-attr]
-                return replace(request, path=path, path2=path2)  # type: ignore[call-arg]
-            return request
-        return request if path == request.path else replace(request, path=path)
+        def lookup(path: str) -> object:
+            st = res.lookup(path)
+            return st if st is None else ids.attrs_to_guest(st)
+
+        return lookup
+
+    def _decide(self, request: p.Request, res: Resolution) -> tuple[Decision, p.Request]:
+        """Decide on what the resolution reached: the canonical path(s), the resolved object, and every
+        directory a '..' walked out of (the guest may not learn, through '..', what it may not read)."""
+        first, second = res.first, res.second
+        decided = request
+        if second is not None:
+            if first.path != request.path or second.path != request.path2:  # type: ignore[union-attr]
+                decided = replace(request, path=first.path, path2=second.path)  # type: ignore[call-arg]
+        elif first.path != request.path:
+            decided = replace(request, path=first.path)  # type: ignore[call-arg]
+        decision: Decision = decide(decided, self.policy, self._lookup_for(res))
+        if res.through and decision.outcome != "deny":
+            for here in res.through:
+                walked = decide(p.Lstat(here), self.policy)
+                worse = walked.outcome == "would-deny" and decision.outcome == "allow"
+                if walked.outcome == "deny" or worse:
+                    reason = f"{walked.reason} (a '..' in the path walks out of {os.fsdecode(here)})"
+                    decision = walked._replace(reason=reason)
+                    break
+        return decision, decided
 
     def handle(self, request: p.Request) -> Result:
-        """Decide, check the tenant's limits and id map, perform only if allowed, record (before the
-        reply), return what to reply."""
+        """Resolve once, decide on what was reached, check the tenant's limits and id map, perform only
+        if allowed (on the same fds), record (before the reply), return what to reply."""
         # On the request path: locals and prebound methods, no dict for the record's extras unless
         # there are some (an LSTAT costs tens of microseconds of cold Python; every call counts).
         if self.rate is not None:
             self.rate.take()  # over the rate: the guest waits, nothing fails
         start = _perf_counter_ns()
-        decided = self._as_decided(request) if self._paths_matter else request
-        decision: Decision = decide(decided, self.policy, self._lookup)
+        res = self.executor.resolve(request)
+        try:
+            return self._handle(request, res, start)
+        finally:
+            res.close()
+
+    def _handle(self, request: p.Request, res: Resolution, start: int) -> Result:
+        decision, decided = self._decide(request, res)
         outcome = decision.outcome
         rule, reason = decision.rule, decision.reason
         extra: dict[str, object] | None = None
@@ -177,7 +187,7 @@ class Server:
             else:
                 if performed is not request:
                     extra = {"host_uid": performed.uid, "host_gid": performed.gid}  # type: ignore[union-attr]
-                result = self.executor.perform(performed)
+                result = self.executor.perform(performed, res)
                 if ids is not None and request.type is p.RequestType.LSTAT and not result.errno:
                     result.payload = ids.stat_payload_to_guest(result.payload)
         audit = self.audit

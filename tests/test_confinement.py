@@ -52,7 +52,7 @@ import pytest
 
 from gateway import protocol as p
 from gateway.client import Client, ProtocolClosed, Reply
-from gateway.executor import Executor, getversion_supported
+from gateway.core.executor import Executor, getversion_supported
 from gateway.syscalls import fstatfs
 
 REPO = Path(__file__).resolve().parent.parent

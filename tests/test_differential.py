@@ -41,7 +41,7 @@ import pytest
 
 from gateway import protocol as p
 from gateway.client import Client, ProtocolClosed, Reply
-from gateway.executor import getversion_supported
+from gateway.core.executor import getversion_supported
 
 REPO = Path(__file__).resolve().parent.parent
 REFERENCE_HELPER: list[str] = ["/usr/lib/qemu/virtfs-proxy-helper"]
