@@ -42,7 +42,7 @@ CASES = [
     ("ops: [all], when: {mode_none: [gw, ow]}", "create /a mode=0644", True),
     ("ops: [all], when: {mode_none: [gw, ow]}", "create /a mode=0664", False),
     ("ops: [all], when: {mode_any: [ur]}", "open /a", False),  # open has no mode
-    # type of what is made: fixed per op, from the mode for mknod (0: regular), from chmod's mode
+    # type of what is made: fixed per op, from the mode for mknod (0: regular); chmod: the object's own
     ("ops: [all], when: {type: [reg]}", "create /a", True),
     ("ops: [all], when: {type: [dir]}", "create /a", False),
     ("ops: [all], when: {type: [dir]}", "mkdir /a", True),
@@ -51,8 +51,11 @@ CASES = [
     ("ops: [all], when: {type: [chr, blk]}", "mknod /a mode=060600", True),
     ("ops: [all], when: {type: [chr, blk]}", "mknod /a mode=010600", False),
     ("ops: [all], when: {type: [reg]}", "mknod /a mode=0600", True),
-    ("ops: [all], when: {type: [dir]}", "chmod /a mode=040755", True),
-    ("ops: [all], when: {type: [dir]}", "chmod /a mode=0755", False),  # no type bits sent: unknown
+    # chmod's type is the object's, never the guest's mode bits (issue 9, finding 8)
+    ("ops: [all], when: {type: [dir]}", "chmod /a mode=040755", False),  # type bits sent: ignored
+    ("ops: [all], when: {type: [dir]}", "chmod /a mode=0755 type=dir", True),
+    ("ops: [all], when: {type: [dir]}", "chmod /a mode=040755 type=reg", False),
+    ("ops: [all], when: {type: [dir]}", "chmod /a mode=0755", False),  # the object unknown
     # open flags: access modes are a 2-bit field
     ("ops: [all], when: {flags_any: [O_WRONLY, O_RDWR]}", "open /a flags=O_RDWR", True),
     ("ops: [all], when: {flags_any: [O_WRONLY, O_RDWR]}", "open /a flags=O_RDONLY|O_TRUNC", False),

@@ -11,10 +11,12 @@ import textwrap
 import pytest
 
 from gateway.protocol import Chmod, Create, Link, Lstat, Open, Rename, Symlink
+from gateway.protocol import RequestType as RT
 from gateway.rules import Decision, ObjectAttrs, decide, load_policy_text
+from gateway.rules.aliases import AliasPattern
 from gateway.rules.compiler import model_path
 from gateway.rules.engine import slot_of
-from gateway.rules.model import TWO_PATH, Policy
+from gateway.rules.model import OPEN_READ, TWO_PATH, Policy, Rule
 from gateway.rules.requests import parse_text
 
 
@@ -277,7 +279,56 @@ def reference(p: Policy, request: object, obj: ObjectAttrs) -> tuple[str, set[st
             levels.append(0)
         else:
             levels.append(0 if p.default == "allow" else (2 if p.enforcement == "enforce" else 1))
-    return {0: "allow", 1: "would-deny", 2: "deny"}[max(levels)], matched
+    level = max(levels)
+    alias = reference_alias(p, request, obj) if level < 2 else None
+    if alias is not None:
+        alias_level = 2 if p.enforcement == "enforce" or alias.always else 1
+        if alias_level > level:
+            level = alias_level
+            matched.add(alias.id)
+    return {0: "allow", 1: "would-deny", 2: "deny"}[level], matched
+
+
+def reference_alias(p: Policy, request: object, obj: ObjectAttrs) -> Rule | None:
+    """The alias semantics of gateway/rules/aliases.py, brute force: every deny rule with paths, no index."""
+    t = request.type  # type: ignore[attr-defined]
+    if t not in (RT.SYMLINK, RT.RENAME, RT.LINK):
+        return None
+    path = model_path(request.path)  # type: ignore[attr-defined]
+    path2 = model_path(request.path2) if t in TWO_PATH else None  # type: ignore[attr-defined]
+
+    def reach(rule: Rule, where: str) -> bool:
+        comps = where[1:].split("/") if where != "/" else []
+        excepts = rule.except_.placements if rule.except_ is not None else ()
+        if any(pl.kind == "subtree" and tuple(comps[: len(pl.prefix)]) == pl.prefix for pl in excepts):
+            return False
+        return any(AliasPattern(pl.pattern).reaches(comps) for pl in rule.paths.placements)  # type: ignore[union-attr]
+
+    def holds(rule: Rule, slot: int, unconditional: bool) -> bool:
+        view = p.compiled.views.get((rule.id, slot))
+        if view is None or not rule.deny or rule.paths is None:
+            return False
+        if unconditional:
+            return not view.when and view.unless is None
+        return all(c.test(request) for c in view.when) and not (  # object conditions count as holding
+            view.unless is not None and all(c.test(request) for c in view.unless) and not view.unless_obj)
+
+    checks: list[tuple[int, str, bool, bool]] = []  # slot, path, unconditional, exact
+    if t is RT.SYMLINK:
+        checks.append((int(RT.SYMLINK), path, False, False))
+    elif t is RT.RENAME and obj.type != 0o100000:
+        assert path2 is not None
+        checks += [(int(RT.RENAME), path2, False, False), (int(RT.RENAME), path, False, False)]
+        checks += [(int(RT.LSTAT), path, True, False), (OPEN_READ, path, True, False)]
+    else:
+        checks += [(int(RT.LSTAT), path, True, True), (OPEN_READ, path, True, True)]
+    for slot, where, unconditional, exact in checks:
+        found = [r for r in p.rules if holds(r, slot, unconditional) and (
+            (r.paths.matches(where) and not (r.except_ is not None and r.except_.matches(where)))  # type: ignore[union-attr]
+            if exact else reach(r, where))]
+        if found:
+            return min(found, key=lambda r: p.compiled.ranks[r.id])
+    return None
 
 
 @pytest.mark.parametrize("seed", range(40))

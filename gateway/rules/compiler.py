@@ -22,7 +22,7 @@ from typing import Any
 from gateway import names
 from gateway.paths import normalise
 from gateway.protocol import RequestType as RT
-from gateway.rules import model
+from gateway.rules import aliases, model
 from gateway.rules.model import Conditions, Decision, ObjectAttrs, ObjectConditions, Rule
 
 Test = Callable[[Any], bool]
@@ -194,18 +194,15 @@ def request_conds(c: Conditions, slot: int) -> list[Cond] | None:
             out.append(Cond(attr, f"{attr} in {ranges_text(ranges)}", lambda r, f=f, get=get: f(get(r)),
                             lambda r, get=get: str(get(r))))
     out += _mode_conds("", c, attrgetter("mode"))
-    if c.type is not None:
+    if c.type is not None and slot != int(RT.CHMOD):  # CHMOD: the object's type (object_type_cond)
         types = c.type
         fixed = {int(RT.CREATE): stat.S_IFREG, int(RT.MKDIR): stat.S_IFDIR, int(RT.SYMLINK): stat.S_IFLNK}
         if slot in fixed:
             if fixed[slot] not in types:  # settled now: a CREATE always makes a regular file
                 return None
         else:
-            # MKNOD carries the type in its mode (0 means a regular file, as mknod(2) says); CHMOD's mode
-            # carries it when the client sends the full st_mode, as Linux does.
-            mknod = slot == int(RT.MKNOD)
-            ftype: Callable[[Any], int] = (lambda r: r.mode & 0o170000 or stat.S_IFREG) if mknod else (
-                lambda r: r.mode & 0o170000)
+            # MKNOD carries the type in its mode (0 means a regular file, as mknod(2) says).
+            ftype: Callable[[Any], int] = lambda r: r.mode & 0o170000 or stat.S_IFREG  # noqa: E731
             out.append(Cond("type", f"type is {_types_text(types)}", lambda r: ftype(r) in types,
                             lambda r: names.FILE_TYPE_NAMES.get(ftype(r), "unknown")))
     flags = _flag_conds(c, slot)
@@ -229,6 +226,16 @@ def request_conds(c: Conditions, slot: int) -> list[Cond] | None:
         out.append(Cond("xattr_except", f"xattr name matches none of {', '.join(c.xattr_except.patterns)}",
                         lambda r: mxe(name(r)) is None, name))
     return out
+
+
+def object_type_cond(c: Conditions | None, slot: int) -> list[Cond]:
+    """``type`` on CHMOD reads the object's own type: a chmod's mode bits say nothing about what they
+    are applied to, and a guest could send any type bits it likes."""
+    if c is None or c.type is None or slot != int(RT.CHMOD):
+        return []
+    types = c.type
+    return [Cond("type", f"type is {_types_text(types)}", lambda a: a.type in types,
+                 lambda a: names.FILE_TYPE_NAMES.get(a.type, "unknown"))]
 
 
 def all_of(conds: list[Cond]) -> Test | None:
@@ -327,6 +334,7 @@ class Compiled:
     enforce: bool
     default_deny: bool
     ranks: dict[str, int]
+    alias_roots: dict[int, aliases.AliasNode]  # deny rules with paths, per slot (gateway/rules/aliases.py)
 
 
 def rule_decision(rule: Rule, enforce: bool) -> Decision:
@@ -359,6 +367,7 @@ def compile_rules(rules: tuple[Rule, ...], default: str, enforcement: str) -> Co
     ranks = {r.id: i for i, r in enumerate(ordered)}
     roots: list[Node | None] = [None] * (max(model.SLOTS) + 1)
     views: dict[tuple[str, int], View] = {}
+    alias_views: list[tuple[int, View]] = []
     for rule in rules:
         solo = rule_decision(rule, enforce)
         when_obj = object_conds(rule.when.object)
@@ -368,11 +377,14 @@ def compile_rules(rules: tuple[Rule, ...], default: str, enforcement: str) -> Co
             if when is None:
                 continue  # a `when` condition reads a field this request type does not have
             unless = request_conds(rule.unless, slot) if rule.unless is not None else None
-            if rule.unless is not None and unless is not None and not unless and not unless_obj:
+            unless_obj_here = unless_obj + object_type_cond(rule.unless, slot)
+            if rule.unless is not None and unless is not None and not unless and not unless_obj_here:
                 continue  # `unless` holds whatever the request: the rule can never apply here
-            view = View(rule, ranks[rule.id], when, unless, when_obj,
-                        unless_obj if unless is not None else [], solo)
+            view = View(rule, ranks[rule.id], when, unless, when_obj + object_type_cond(rule.when, slot),
+                        unless_obj_here if unless is not None else [], solo)
             views[(rule.id, slot)] = view
+            if rule.deny and rule.paths is not None:
+                alias_views.append((slot, view))
             root = roots[slot]
             if root is None:
                 root = roots[slot] = Node()
@@ -386,4 +398,5 @@ def compile_rules(rules: tuple[Rule, ...], default: str, enforcement: str) -> Co
     for root in roots:
         if root is not None:
             root.freeze()
-    return Compiled(roots, views, default_decision(default, enforce), enforce, default == "deny", ranks)
+    return Compiled(roots, views, default_decision(default, enforce), enforce, default == "deny", ranks,
+                    aliases.build(alias_views))

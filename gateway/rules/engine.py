@@ -15,16 +15,22 @@ Semantics (the model is Cedar's authorizer):
 * Object conditions (owner, group, type, mode as they are now) need ``lookup(path)``: it is called at
   most once per request, on the object the request acts on (for RENAME and LINK the source, which is the
   object getting the new name), and only when some rule whose other conditions all matched could change
-  the outcome. A missing object, or no lookup, leaves every object condition false.
+  the outcome (or, for a RENAME under a policy with deny rules on paths, always: whether it moves a
+  directory decides how far its alias reaches). A missing object, or no lookup, leaves every object
+  condition false.
+* Aliases count (gateway/rules/aliases.py): a SYMLINK, RENAME or LINK is also denied by a deny rule on a
+  path it would make the guest's data reachable at, or would take protected data away from.
 """
 
 from __future__ import annotations
 
+import stat
 from collections.abc import Callable
 from typing import Any
 
 from gateway.protocol import RequestType as RT
 from gateway.rules import model
+from gateway.rules.aliases import alias_decision
 from gateway.rules.compiler import Compiled, Node, View, model_path
 from gateway.rules.model import Decision, ObjectAttrs, Policy, RuleTrace
 
@@ -33,6 +39,8 @@ UNKNOWN = ObjectAttrs()
 _OPEN = RT.OPEN
 _RENAME = RT.RENAME
 _LINK = RT.LINK
+_SYMLINK = RT.SYMLINK
+_ALIASING = frozenset({RT.SYMLINK, RT.RENAME, RT.LINK})
 _WRITE = model.OPEN_WRITE_FLAGS
 _OPEN_WRITE = model.OPEN_WRITE
 
@@ -117,21 +125,38 @@ def decide(request: Any, policy: Policy, lookup: Lookup | None = None, *, explai
     c = policy.compiled
     t = request.type
     root = c.roots[_OPEN_WRITE if t is _OPEN and request.flags & _WRITE else t]
-    if root is None:
+    if root is None and not (c.alias_roots and t in _ALIASING):
         return c.default
     path = model_path(request.path)
     hits: list[View] = []
     pend: list[View] = []
-    _scan(root, path, request, hits, pend)
+    if root is not None:
+        _scan(root, path, request, hits, pend)
     if t is _RENAME or t is _LINK:
         hits2: list[View] = []
         pend2: list[View] = []
-        _scan(root, model_path(request.path2), request, hits2, pend2)
+        path2 = model_path(request.path2)
+        if root is not None:
+            _scan(root, path2, request, hits2, pend2)
+        obj: ObjectAttrs | None = None
         if not pend and not pend2:
-            if not hits and not hits2:
-                return c.default
-            return _final(c, [("path", hits), ("path2", hits2)])
-        return _settle(c, request, path, [("path", hits, pend), ("path2", hits2, pend2)], lookup)[0]
+            decision = c.default if not hits and not hits2 else _final(c, [("path", hits), ("path2", hits2)])
+        else:
+            decision, obj = _settle(c, request, path, [("path", hits, pend), ("path2", hits2, pend2)], lookup)
+        if t is _RENAME and obj is None and _alias_worse(c, request, decision, path, path2, None):
+            # How far a rename's alias reaches depends on whether it moves a directory: look it up, and
+            # let the pending rules see it too (so the decision names every rule that matched).
+            obj = _objectify(lookup(path)) if lookup is not None else UNKNOWN
+            if pend or pend2:
+                decision = _final(c, [("path", hits + [v for v in pend if v.res(request, obj)]),
+                                      ("path2", hits2 + [v for v in pend2 if v.res(request, obj)])])
+        return _with_aliases(c, request, decision, path, path2, lookup, obj)
+    if t is _SYMLINK:
+        if not pend:
+            decision = c.default if not hits else _final(c, [("path", hits)])
+        else:
+            decision = _settle(c, request, path, [("path", hits, pend)], lookup)[0]
+        return _with_aliases(c, request, decision, path, None, lookup, None)
     if not pend:  # the common case: no object conditions in play
         if not hits:
             return c.default
@@ -139,6 +164,34 @@ def decide(request: Any, policy: Policy, lookup: Lookup | None = None, *, explai
             return hits[0].solo
         return _final(c, [("path", hits)])
     return _settle(c, request, path, [("path", hits, pend)], lookup)[0]
+
+
+_LEVEL = {"allow": 0, "would-deny": 1, "deny": 2}
+
+
+def _alias_worse(c: Compiled, request: Any, decision: Decision, path: str, path2: str | None,
+                 source_is_dir: bool | None) -> Decision | None:
+    """The deny an alias meets (gateway/rules/aliases.py), when it is worse than ``decision``."""
+    if decision.outcome == "deny" or not c.alias_roots:
+        return None
+    denial = alias_decision(c, request, path, path2, source_is_dir)
+    if denial is None or _LEVEL[denial.outcome] <= _LEVEL[decision.outcome]:
+        return None
+    return denial
+
+
+def _with_aliases(c: Compiled, request: Any, decision: Decision, path: str, path2: str | None,
+                  lookup: Lookup | None, obj: ObjectAttrs | None) -> Decision:
+    """The ordinary decision, or the deny an alias meets when that is worse. A RENAME's reach depends on
+    whether its source is a directory (``obj``, looked up by the caller when it could matter)."""
+    source_is_dir: bool | None = None
+    if request.type is _RENAME and obj is not None and obj.type is not None:
+        source_is_dir = obj.type == stat.S_IFDIR
+    denial = _alias_worse(c, request, decision, path, path2, source_is_dir)
+    if denial is None:
+        return decision
+    matched = (*denial.matched, *(m for m in decision.matched if m not in denial.matched))
+    return denial._replace(matched=matched)
 
 
 def _settle(c: Compiled, req: Any, path: str, paths: list[tuple[str, list[View], list[View]]],
@@ -212,6 +265,10 @@ def explain_decision(request: Any, policy: Policy, lookup: Lookup | None = None)
             if status == "matched" and rule.id == decision.rule:
                 status = "decides"
             traces.append(RuleTrace(rule.id, role, status, detail))
+    decided = any(t.rule == decision.rule and t.status == "decides" for t in traces)
+    if decision.rule is not None and not decided:
+        # Decided by an alias (gateway/rules/aliases.py): the rule matched a path the request makes reachable.
+        traces.append(RuleTrace(decision.rule, "alias", "decides", decision.reason))
     return decision._replace(explanation=tuple(traces))
 
 

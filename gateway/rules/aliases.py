@@ -1,0 +1,287 @@
+"""Aliases count: a request that gives something a new name is decided on every path it makes reachable.
+
+A deny rule on a path promises that the guest cannot make its own data appear at that path, and cannot
+take what the path protects somewhere else. The ordinary decision sees one name per path, so without
+this a guest that may write ``/cache/**`` but not ``**/.git/hooks/**`` would build
+``/cache/shadow/hooks/pre-commit`` and then ``rename /cache/shadow /cache/repo/.git`` (or
+``symlink ../shadow /cache/repo/.git``): every request allowed, and a host-side git runs the guest's hook.
+
+The semantics, on top of the ordinary decision of each path:
+
+* **SYMLINK at T** makes whatever the link leads to -- now or after the guest changes its target --
+  reachable at T and below it. It is denied by every deny rule of the SYMLINK op whose paths could match T
+  or any path below T.
+* **RENAME S -> T of a directory** (or of an object whose type is unknown) moves everything below S to
+  below T. It is denied by every deny rule of the RENAME op whose paths could match at or below T (what
+  the guest wrote would appear there) or at or below S (what the rule protects would leave it), and by
+  every unconditional deny rule on reads (LSTAT, OPEN for reading) that could match at or below S (what it
+  hides would become readable under another name).
+* **RENAME of anything else, and LINK** (never of a directory) keep one object under one more or one
+  other name: the ordinary decision of each path covers the new name; in addition a deny rule on reads
+  that matches S refuses it (a second name for a hidden file is a way to read it).
+
+"Could match below T" is a property of the glob (``GlobSet.reaches``): ``**/.git/hooks/**`` could match
+below any directory, ``/home/alice/private/*`` only below ``/home``, ``/home/alice`` and the directory
+itself. Rules without ``paths`` take no part (they already match every path). A deny rule's request
+conditions (uid, gid, ...) must hold; its object conditions are taken as holding, since the objects
+below T are not the object the request names.
+
+What a deny cannot promise: objects the host creates or moves are the host's business, and a deny on a
+path does not follow content the guest copies (reads, then writes elsewhere) when the policy lets it read.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from gateway.protocol import RequestType as RT
+from gateway.rules import model
+from gateway.rules.globs import Placement, has_special, translate
+from gateway.rules.model import Decision
+
+
+class AliasNode:
+    """A trie of the deny rules with paths at one op slot, keyed by their patterns' literal prefixes."""
+
+    __slots__ = ("below", "here", "kids")
+
+    def __init__(self) -> None:
+        self.kids: dict[str, AliasNode] = {}
+        self.here: list[tuple[Any, Placement]] = []  # (view, placement) whose literal prefix ends here
+        self.below: tuple[Any, ...] = ()  # every view placed strictly below this node
+
+    def insert(self, view: Any, place: Placement) -> None:
+        node = self
+        for comp in place.prefix:
+            node = node.kids.setdefault(comp, AliasNode())
+        node.here.append((view, place))
+
+    def freeze(self) -> tuple[Any, ...]:
+        """Fill ``below`` bottom-up; returns every view at or below this node."""
+        found: dict[int, Any] = {}
+        for kid in self.kids.values():
+            for v in kid.freeze():
+                found[id(v)] = v
+        self.below = tuple(found.values())
+        for v, _place in self.here:
+            found[id(v)] = v
+        return tuple(found.values())
+
+
+def build(views: list[tuple[int, Any]]) -> dict[int, AliasNode]:
+    """Alias tries per slot from (slot, view) pairs of deny rules that have ``paths``."""
+    roots: dict[int, AliasNode] = {}
+    for slot, view in views:
+        root = roots.setdefault(slot, AliasNode())
+        for place in view.rule.paths.placements:
+            root.insert(view, place)
+    for root in roots.values():
+        root.freeze()
+    return roots
+
+
+def _applies(view: Any, req: Any, unconditional: bool) -> bool:
+    """Whether a deny rule's request conditions hold (object conditions count as holding)."""
+    if unconditional:
+        return not view.when and view.unless is None
+    if view.obj:
+        return bool(view.pre(req))
+    return view.chk is None or bool(view.chk(req))
+
+
+def _excepted_below(view: Any, comps: list[str]) -> bool:
+    """True when the rule's ``except`` takes out T and everything below it (a ``prefix/**`` at or above
+    T); anything less leaves some path below T covered, which is enough to deny."""
+    ex = view.rule.except_
+    if ex is None:
+        return False
+    return any(p.kind == "subtree" and tuple(comps[: len(p.prefix)]) == p.prefix for p in ex.placements)
+
+
+def _candidates(root: AliasNode, path: str, comps: list[str]) -> list[Any]:
+    """The views whose patterns could match ``path`` or a path below it."""
+    found: list[Any] = []
+    node: AliasNode | None = root
+    depth = 0
+    while node is not None:
+        for view, place in node.here:
+            if place.kind == "exact":
+                if depth == len(comps):
+                    found.append(view)
+            elif place.kind == "subtree" or _reaches(place, path):
+                found.append(view)
+        if depth == len(comps):
+            found.extend(node.below)  # every literal prefix down there extends T
+            break
+        node = node.kids.get(comps[depth])
+        depth += 1
+    return found
+
+
+def _reaches(place: Placement, path: str) -> bool:
+    """Whether aliasing ``path`` could put something under the pattern that was not already (see
+    ``AliasPattern``)."""
+    compiled = _PATTERNS.get(place.pattern)
+    if compiled is None:
+        compiled = _PATTERNS[place.pattern] = AliasPattern(place.pattern)
+    return compiled.reaches(path[1:].split("/") if path != "/" else [])
+
+
+class AliasPattern:
+    """A brace-free path pattern as a list of components, for the question aliasing asks: is there a
+    path at or below T that the pattern matches, and whose match depends on T being where it is?
+
+    For an anchored pattern (``/home/*/private/**``) that is "could it match T or below T": a component-
+    by-component walk, O(len(pattern) x len(T)). For an unanchored tail (``**/A`` or ``**/A/**`` with no
+    other ``**``) the same components A match wherever they sit, so content moved below T matches only if
+    it already matched where it came from -- unless the occurrence of A takes in components of T itself.
+    Only that straddle (or A inside T, for ``**/A/**``) counts, which keeps ``symlink /cache/x`` legal
+    under a deny on ``**/.git/hooks/**`` while ``symlink ../shadow /cache/repo/.git`` is refused.
+    """
+
+    __slots__ = ("comps", "tail", "trailing")
+
+    def __init__(self, pattern: str) -> None:
+        if pattern.startswith("/"):
+            parts = pattern[1:].split("/") if pattern != "/" else []
+        elif pattern.startswith("**"):
+            parts = pattern.split("/")
+        else:
+            parts = None  # matches no absolute path
+        self.comps = None if parts is None else [None if c == "**" else _component(c) for c in parts]
+        self.tail: list[Any] | None = None
+        self.trailing = False
+        if self.comps and self.comps[0] is None:
+            rest = self.comps[1:]
+            self.trailing = bool(rest) and rest[-1] is None
+            if self.trailing:
+                rest = rest[:-1]
+            if rest and all(c is not None for c in rest):
+                self.tail = rest
+
+    def reaches(self, t: list[str]) -> bool:
+        if self.comps is None:
+            return False
+        if self.tail is not None:
+            return self._straddles(t)
+        return self._walk(t)
+
+    def _walk(self, t: list[str]) -> bool:
+        comps = self.comps
+        assert comps is not None
+        m = len(comps)
+        states = {0}
+        for name in t:
+            nxt: set[int] = set()
+            for i in _closure(states, comps):
+                if i == m:
+                    continue
+                c = comps[i]
+                if c is None:
+                    nxt.add(i)
+                elif c(name):
+                    nxt.add(i + 1)
+            if not nxt:
+                return False
+            states = nxt
+        return True  # some pattern position is alive after T: a suffix (or T itself) can finish it
+
+    def _straddles(self, t: list[str]) -> bool:
+        tail = self.tail
+        assert tail is not None
+        k, n = len(tail), len(t)
+        for j in range(1, min(k, n) + 1):  # T's last j components start the tail
+            if all(tail[x](t[n - j + x]) for x in range(j)):
+                return True
+        if self.trailing:  # **/A/**: A wholly inside T
+            for start in range(0, n - k + 1):
+                if all(tail[x](t[start + x]) for x in range(k)):
+                    return True
+        return False
+
+
+def _closure(states: set[int], comps: list[Any]) -> set[int]:
+    """States plus those reached by letting a ``**`` match no component."""
+    out = set(states)
+    todo = list(states)
+    while todo:
+        i = todo.pop()
+        if i < len(comps) and comps[i] is None and i + 1 not in out:
+            out.add(i + 1)
+            todo.append(i + 1)
+    return out
+
+
+def _component(glob: str) -> Any:
+    """A matcher for one component's glob (``*``, ``?``, ``[...]``; never ``/``)."""
+    if not has_special(glob):
+        return glob.__eq__
+    return re.compile(translate(glob), re.DOTALL).fullmatch
+
+
+_PATTERNS: dict[str, AliasPattern] = {}
+
+
+def reaching(root: AliasNode | None, path: str, req: Any, *, unconditional: bool = False,
+             exact: bool = False) -> Any | None:
+    """The deciding deny view (lowest priority number) whose paths could match ``path`` or a path below
+    it (``exact``: match ``path`` itself), or None."""
+    if root is None:
+        return None
+    comps = path[1:].split("/") if path != "/" else []
+    best = None
+    for view in _candidates(root, path, comps):
+        if best is not None and view.prio >= best.prio:
+            continue
+        if not _applies(view, req, unconditional):
+            continue
+        if exact:
+            if not view.rule.paths.matches(path) or (view.ex is not None and view.ex(path) is not None):
+                continue
+        elif _excepted_below(view, comps):
+            continue
+        best = view
+    return best
+
+
+def _denial(view: Any, what: str) -> Decision:
+    solo: Decision = view.solo
+    return solo._replace(reason=f"{solo.reason} ({what})")
+
+
+_READ_SLOTS = (int(RT.LSTAT), model.OPEN_READ)
+
+
+def alias_decision(
+    c: Any, req: Any, path: str, path2: str | None, source_is_dir: bool | None
+) -> Decision | None:
+    """The deny an alias-creating request meets beyond its ordinary decision, or None."""
+    t = req.type
+    roots = c.alias_roots
+    if t is RT.SYMLINK:
+        v = reaching(roots.get(int(RT.SYMLINK)), path, req)
+        if v is not None:
+            return _denial(v, f"a symlink at {path} makes what it leads to reachable at and below {path}")
+        return None
+    assert path2 is not None
+    if t is RT.RENAME and source_is_dir is not False:
+        own = roots.get(int(RT.RENAME))
+        v = reaching(own, path2, req)
+        if v is not None:
+            return _denial(v, f"renaming a directory to {path2} makes what it holds reachable below {path2}")
+        v = reaching(own, path, req)
+        if v is not None:
+            return _denial(v, f"renaming {path} away moves what lies below it out of the rule's paths")
+        for slot in _READ_SLOTS:
+            v = reaching(roots.get(slot), path, req, unconditional=True)
+            if v is not None:
+                return _denial(v, f"renaming {path} would make what it hides readable below {path2}")
+        return None
+    # RENAME of a non-directory, LINK: a second name for a file a read-deny hides is a way to read it.
+    for slot in _READ_SLOTS:
+        v = reaching(roots.get(slot), path, req, unconditional=True, exact=True)
+        if v is not None:
+            verb = "linking" if t is RT.LINK else "renaming"
+            return _denial(v, f"{verb} {path} to {path2} would make it readable under another name")
+    return None
