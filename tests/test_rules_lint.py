@@ -136,3 +136,25 @@ def test_notes_for_permissive_always_and_missing_tests() -> None:
 def test_shipped_policies_have_no_warnings(path: Path) -> None:
     warnings = [f for f in lint(load_policy(path)) if f.severity == "warning"]
     assert warnings == []
+
+
+def test_a_deny_on_writes_that_aliasing_walks_around() -> None:
+    # Denies writes under hooks but lets the guest rename and symlink anywhere in /cache: lint says so.
+    found = findings("""
+        - {id: cache, effect: allow, ops: [all], paths: ['/cache/**']}
+        - {id: hooks, effect: deny, ops: [CREATE, open, mkdir], paths: ['**/.git/hooks/**']}
+    """)
+    (warning,) = [f for f in found if f.code == "alias-uncovered"]
+    assert warning.rule == "hooks" and "link, rename, symlink" in warning.message
+    # The write group covers the aliasing requests: nothing to say.
+    quiet = findings("""
+        - {id: cache, effect: allow, ops: [all], paths: ['/cache/**']}
+        - {id: hooks, effect: deny, ops: [write], paths: ['**/.git/hooks/**']}
+    """)
+    assert "alias-uncovered" not in [f.code for f in quiet]
+    # Nothing may rename or link anywhere: no door to close.
+    closed = findings("""
+        - {id: cache, effect: allow, ops: [CREATE, open], paths: ['/cache/**']}
+        - {id: hooks, effect: deny, ops: [CREATE, open], paths: ['**/.git/hooks/**']}
+    """)
+    assert "alias-uncovered" not in [f.code for f in closed]

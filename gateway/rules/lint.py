@@ -6,7 +6,10 @@
 * conditions that can never hold for any of the rule's ops (the rule never matches), and ``unless``
   blocks that can never hold for some ops (the rule then applies to those unconditionally);
 * allow rules made pointless by ``default: allow``; ``enforce: always`` without permissive enforcement;
-* an id map whose squash id is root as the guest sees it.
+* an id map whose squash id is root as the guest sees it;
+* an unconditional deny rule that protects a path from writes but not from aliasing (symlink, rename,
+  link), where the policy lets the guest create those somewhere: the guest could build its data elsewhere and give it
+  the protected name (gateway/rules/aliases.py; the alias check applies the rules of the aliasing op).
 
 Coverage is proven conservatively: a finding is reported only when it is certain, so a quiet lint does not
 prove that no rule is shadowed, but a reported shadow is real. (Duplicate ids are not findings: the
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gateway.protocol import RequestType as RT
 from gateway.rules import globs, model
 from gateway.rules.compiler import request_conds
 from gateway.rules.model import Conditions, ObjectConditions, Policy, Rule
@@ -184,6 +188,7 @@ def lint(policy: Policy) -> list[Finding]:
                                    f"whenever it does and takes precedence (it has the same effect)"))
                 break
     out += _ids_findings(policy)
+    out += _alias_findings(policy)
     if policy.limits.open_fds is not None:
         # Honest about what cannot be enforced: once an fd crosses the socket (SCM_RIGHTS) it lives in
         # QEMU's fd table, and the gateway never learns when QEMU closes it.
@@ -198,6 +203,33 @@ def lint(policy: Policy) -> list[Finding]:
         out.append(Finding("info", "no-tests", 0, None,
                            "the policy has no tests: section; `gateway check` can only validate it"))
     return sorted(out, key=lambda f: (f.line, f.code))
+
+
+_WRITE_SLOTS = frozenset({model.OPEN_WRITE, int(RT.CREATE), int(RT.MKNOD), int(RT.MKDIR)})
+_ALIAS_SLOTS = {int(RT.SYMLINK): "symlink", int(RT.RENAME): "rename", int(RT.LINK): "link"}
+
+
+def _alias_findings(policy: Policy) -> list[Finding]:
+    """Deny rules on paths that stop writes but not the requests that give data a protected name."""
+    aliasing_allowed = {
+        slot for slot in _ALIAS_SLOTS
+        if policy.default == "allow" or any(not r.deny and slot in r.slots for r in policy.rules)
+    }
+    out = []
+    for rule in policy.rules:
+        if not rule.deny or rule.paths is None or not rule.slots & _WRITE_SLOTS:
+            continue
+        if rule.when.given() or rule.unless is not None:
+            # A conditional deny (on uid, mode, flags, the object) is about how things are written, and
+            # the aliasing requests carry none of those fields: only a plain "not here" is at stake.
+            continue
+        open_doors = sorted(_ALIAS_SLOTS[s] for s in aliasing_allowed if s not in rule.slots)
+        if open_doors:
+            out.append(Finding("warning", "alias-uncovered", rule.line, rule.id,
+                               f"rule '{rule.id}' denies writes to {', '.join(rule.paths.patterns)} but not "
+                               f"{', '.join(open_doors)}: the guest may build its data elsewhere and give it "
+                               "a protected name (add them to ops, or use the write or create group)"))
+    return out
 
 
 def _ids_findings(policy: Policy) -> list[Finding]:
