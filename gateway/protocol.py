@@ -436,6 +436,8 @@ class Decoder:
         self._fatal: Fatal | None = None
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
+        if self._fatal is not None:  # the stream can no longer be framed: keep nothing more of it
+            return
         if data:
             self._buf += data
         else:
@@ -469,20 +471,26 @@ class Decoder:
             return self._fail(f"EOF inside a frame (type {rtype}, {avail - HEADER_SIZE} of {size} bytes)")
         start = pos + HEADER_SIZE
         end = start + size
+        # Parse first, compact after: the parsers read buf[start:end], so the buffer must not move
+        # under them (deleting the consumed prefix first misparsed every frame that crossed 64 KiB of
+        # consumed bytes, and an IndexError killed the gateway when the shifted buffer was short).
+        parse = _PARSERS.get(rtype)
+        event: Event
+        if parse is None:
+            event = Unknown(rtype, size)
+        else:
+            try:
+                event = parse(buf, start, end)
+            except Exception:  # ShortPayload; or a parser bug: the frame is delimited, only it is lost
+                event = Malformed(RequestType(rtype), size)
         self._pos = end
-        if self._pos == len(buf):  # common case: the buffer drained, reset it cheaply
+        if end == len(buf):  # common case: the buffer drained, reset it cheaply
             self._buf = bytearray()
             self._pos = 0
-        elif self._pos > 65536:
-            del self._buf[: self._pos]
+        elif end > MAX_PAYLOAD:
+            del buf[:end]
             self._pos = 0
-        parse = _PARSERS.get(rtype)
-        if parse is None:
-            return Unknown(rtype, size)
-        try:
-            return parse(buf, start, end)
-        except ShortPayload:
-            return Malformed(RequestType(rtype), size)
+        return event
 
     def _fail(self, reason: str) -> Fatal:
         self._fatal = Fatal(reason)
