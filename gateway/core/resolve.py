@@ -215,9 +215,9 @@ class Resolver:
         try:
             dirfd, real_parent = self.open_path(parent, _O_DIR)
         except OSError as exc:
-            # Nothing will be touched; decide on the lexical form, so the answer (a deny or this errno)
-            # does not depend on what exists where the guest may not look.
-            return Resolved(normalise_bytes(path), err=exc.errno or errno.EIO)
+            # Nothing will be touched; decide on where the lookup was heading, so the answer (a deny or
+            # this errno) does not depend on what exists where the guest may not look.
+            return Resolved(self.heading(path, follow_final=False), err=exc.errno or errno.EIO)
         canon = normalise_bytes(real_parent + b"/" + name) if dir_only else _join(real_parent, name)
         return Resolved(canon, dirfd=dirfd, name=name, own_dir=True, dir_only=dir_only)
 
@@ -256,9 +256,7 @@ class Resolver:
         try:
             fd, canon = self.open_path(path, flags)
         except OSError as exc:
-            end = self.chain_end(path)
-            end.close()
-            return Resolved(end.path, err=exc.errno or errno.EIO)
+            return Resolved(self.heading(path, follow_final=True), err=exc.errno or errno.EIO)
         return Resolved(canon, fd=fd, own_fd=True)
 
     def _followed(self, r: Resolved, path: bytes, flags: int) -> Resolved:
@@ -326,6 +324,66 @@ class Resolver:
             current = self.name(target if target.startswith(b"/") else base + b"/" + target)
         current.err = errno.ELOOP
         return current
+
+    def heading(self, path: bytes, *, follow_final: bool) -> bytes:
+        """Where a lookup that failed was heading: the kernel's walk replayed a component at a time,
+        symlinks followed beneath the root, until a name is missing (the rest is then lexical). Only for
+        deciding a request that will touch nothing: a dangling link into /secret is decided as /secret/...,
+        so whether a name exists there never shows through the answer."""
+        stack = [c for c in reversed(path.split(b"/")) if c not in (b"", b".")]
+        cur = b"/"
+        links = 0
+        missing = False
+        while stack:
+            comp = stack.pop()
+            if comp == b"..":
+                cur = cur.rsplit(b"/", 1)[0] or b"/"
+                continue
+            nxt = _join(cur, comp)
+            if missing:
+                cur = nxt
+                continue
+            target = self._link_at(cur, comp) if stack or follow_final else None
+            if target is None:
+                missing = not self._exists(cur, comp)
+                cur = nxt
+                continue
+            links += 1
+            if links > MAX_LINKS:
+                return nxt
+            if target.startswith(b"/"):
+                cur = b"/"
+            stack.extend(c for c in reversed(target.split(b"/")) if c not in (b"", b"."))
+        return cur
+
+    def _dir(self, canon: bytes) -> int:
+        return sc.openat2(self.root_fd, canon, _O_DIR, 0, _FAST)
+
+    def _link_at(self, canon: bytes, name: bytes) -> bytes | None:
+        """The target of ``name`` in the directory ``canon`` when it is a symlink, else None."""
+        try:
+            fd = self._dir(canon)
+        except OSError:
+            return None
+        try:
+            return os.readlink(name, dir_fd=fd)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+
+    def _exists(self, canon: bytes, name: bytes) -> bool:
+        try:
+            fd = self._dir(canon)
+        except OSError:
+            return False
+        try:
+            os.stat(name, dir_fd=fd, follow_symlinks=False)
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+        return True
 
     def through(self, path: bytes) -> tuple[bytes, ...]:
         """The directories a '..' in path walks out of, canonical where they resolve (lexical where they

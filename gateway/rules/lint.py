@@ -8,8 +8,9 @@
 * allow rules made pointless by ``default: allow``; ``enforce: always`` without permissive enforcement;
 * an id map whose squash id is root as the guest sees it;
 * an unconditional deny rule that protects a path from writes but not from aliasing (symlink, rename,
-  link), where the policy lets the guest create those somewhere: the guest could build its data elsewhere and give it
-  the protected name (gateway/rules/aliases.py; the alias check applies the rules of the aliasing op).
+  link), where the policy lets the guest create those somewhere: the guest could build its data
+  elsewhere and give it the protected name (gateway/rules/aliases.py; the alias check applies the rules
+  of the aliasing op).
 
 Coverage is proven conservatively: a finding is reported only when it is certain, so a quiet lint does not
 prove that no rule is shadowed, but a reported shadow is real. (Duplicate ids are not findings: the
