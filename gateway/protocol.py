@@ -425,7 +425,10 @@ Event = Request | Malformed | Unknown | Fatal | NeedData | Closed
 
 
 class Decoder:
-    """Frames a byte stream into events. Feed bytes, then call next_event until it says NEED_DATA."""
+    """Frames a byte stream into events. Feed bytes, then call next_event until it says NEED_DATA.
+
+    next_event never raises, whatever the bytes: a frame is delimited by its header alone, so a payload
+    its parser cannot read costs only that frame (Malformed), and the stream goes on."""
 
     __slots__ = ("_buf", "_eof", "_fatal", "_pos")
 

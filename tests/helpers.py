@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from gateway.client import Client
 
@@ -58,8 +59,15 @@ class Running:
 
 @contextmanager
 def over_socketpair(
-    cmd: list[str], export: Path, extra: list[str] | None = None, timeout: float = 10
+    cmd: list[str],
+    export: Path,
+    extra: list[str] | None = None,
+    timeout: float = 10,
+    stderr: int | IO[bytes] = subprocess.PIPE,
 ) -> Iterator[Running]:
+    """The gateway (or the reference) on one end of a socketpair, the test's Client on the other.
+    stderr: a PIPE by default (nobody drains it, so keep it for short sessions: a gateway logs a
+    warning per malformed frame and blocks once 64 KiB of them wait); a file for long ones."""
     ours, theirs = socket.socketpair()
     ours.settimeout(timeout)
     proc = subprocess.Popen(
@@ -74,7 +82,7 @@ def over_socketpair(
             *gateway_only(cmd, export, extra),
         ],
         pass_fds=[theirs.fileno()],
-        stderr=subprocess.PIPE,
+        stderr=stderr,
     )
     theirs.close()
     running = Running(proc, Client(ours))
