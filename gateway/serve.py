@@ -335,9 +335,11 @@ def run(argv: list[str], prog: str = "gateway serve") -> int:
         log.critical("confinement failed: %s", exc)
         trail.lifecycle("stop", reason=f"confinement failed: {exc}")
         return 1
-    trail.lifecycle(
+    if not trail.lifecycle(
         "start", version=__version__, export=export, policy_source=str(policy_path), sandbox=state.as_dict()
-    )
+    ):
+        log.critical("refusing to serve: the start record cannot be written to %s", trail.path)
+        return 1
     trail.lifecycle(
         "policy-load", source=str(policy_path), rules=len(policy.rules), enforcement=policy.enforcement
     )

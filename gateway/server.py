@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from gateway import protocol as p
+from gateway.audit import TrailFailed
 from gateway.canonical import Canonicalizer
 from gateway.executor import Executor, Result
 from gateway.names import errno_name
@@ -177,9 +178,18 @@ class Server:
             else:
                 if performed is not request:
                     extra = {"host_uid": performed.uid, "host_gid": performed.gid}  # type: ignore[union-attr]
-                result = self.executor.perform(performed)
-                if ids is not None and request.type is p.RequestType.LSTAT and not result.errno:
-                    result.payload = ids.stat_payload_to_guest(result.payload)
+                try:  # fail closed: performed only once its record is sure to find room in the trail
+                    if self.audit is not None:
+                        self.audit.reserve(request, reason, decided.path, getattr(decided, "path2", b""))
+                except OSError as exc:  # TrailFull or TrailFailed: not performed, EIO, recorded if it fits
+                    if not isinstance(exc, TrailFailed):  # a failed trail says so once, not once a request
+                        log.error("not performed, the trail has no room for its record: answering EIO")
+                    result = Result(errno.EIO)
+                    extra = {**(extra or {}), "not_performed": exc.strerror}
+                else:
+                    result = self.executor.perform(performed)
+                    if ids is not None and request.type is p.RequestType.LSTAT and not result.errno:
+                        result.payload = ids.stat_payload_to_guest(result.payload)
         audit = self.audit
         if audit is not None:
             if decided is not request:
@@ -204,7 +214,8 @@ class Server:
             except OSError as exc:
                 # Fail closed: a reply the trail lacks must not be sent. The request may have been
                 # performed; the guest is told it failed, and the log says why.
-                log.error("audit record not written (%s): answering EIO", exc)
+                if not isinstance(exc, TrailFailed):  # a failed trail says so once, not once a request
+                    log.error("audit record not written (%s): answering EIO", exc)
                 if result.fd is not None:
                     os.close(result.fd)
                 return Result(errno.EIO)
