@@ -14,14 +14,13 @@ import ctypes
 import gc
 import logging
 import os
-import signal
 import socket
 import stat
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from gateway import __version__, landlock
+from gateway import __version__, landlock, signals
 from gateway.audit import AuditWriter
 from gateway.executor import Executor, getversion_supported
 from gateway.rules import Policy, PolicyError, load_policy, load_policy_text
@@ -264,10 +263,10 @@ def policy_reloader(policy_path: Path) -> tuple[Callable[[], Policy], int]:
 
 
 def run(argv: list[str], prog: str = "gateway serve") -> int:
-    # A reload or rotation signal that lands during start-up must not kill the gateway (both signals
-    # terminate by default); until the server can act on them, they are ignored.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    # A reload or rotation signal that lands during start-up must neither kill the gateway (both
+    # terminate by default) nor be lost: held until the server can act on it (gateway.signals). The
+    # entry points have done so already, before their imports; this covers a caller of run() itself.
+    signals.hold_reload_signals()
     try:
         opts = parse_options(argv, prog)
         check_export(opts.path)
@@ -317,8 +316,7 @@ def run(argv: list[str], prog: str = "gateway serve") -> int:
     executor = Executor(root_fd, proc_fd, getversion_supported=getversion_supported(root_fd))
     server = Server(sock, executor, policy, trail)
     server.reloader, policy_dir_fd = policy_reloader(policy_path)
-    signal.signal(signal.SIGHUP, lambda *_: server.request_reload())
-    signal.signal(signal.SIGUSR1, lambda *_: trail.reopen())
+    server.wakeup_fd = signals.install(server.request_reload, server.request_reopen)
     grants = [
         (trail.dirfd, landlock.AUDIT_DIR, os.path.dirname(trail.path)),
         (policy_dir_fd, landlock.READ_ONLY, str(policy_path.parent)),
