@@ -23,7 +23,7 @@ from pathlib import Path
 from gateway import __version__, landlock, signals
 from gateway.audit import AuditWriter
 from gateway.executor import Executor, getversion_supported
-from gateway.rules import Policy, PolicyError, load_policy, load_policy_text
+from gateway.rules import Policy, PolicyError, load_policy, load_policy_bytes, loader
 from gateway.sandbox import SandboxConfig, confine
 from gateway.server import Server
 
@@ -256,8 +256,8 @@ def policy_reloader(policy_path: Path) -> tuple[Callable[[], Policy], int]:
     def reload() -> Policy:
         fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
         with os.fdopen(fd, "rb") as f:
-            raw = f.read()
-        return load_policy_text(raw.decode("utf-8"), source)
+            raw = loader.read_bounded(f)  # a reload reads no more than a start would
+        return load_policy_bytes(raw, source)
 
     return reload, dir_fd
 
