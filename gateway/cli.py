@@ -8,6 +8,8 @@ import argparse
 import importlib
 import sys
 
+from gateway.signals import hold_reload_signals
+
 COMMANDS = {
     "serve": "serve a guest's 9p proxy requests (virtfs-proxy-helper's options)",
     "check": "dry-run a policy: validate, lint, run its tests, decide requests, replay a trail",
@@ -38,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if args else 2
     command, rest = args[0], args[1:]
     if command == "serve":
+        # Held before serving's imports (gateway.signals); not for the other commands, where a terminal's
+        # SIGHUP should still end, say, `gateway audit --follow`.
+        hold_reload_signals()
         from gateway import serve
 
         return serve.run(rest)
@@ -52,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def proxy_helper_main() -> int:
     """`gateway-proxy-helper`: the serve command under a name a virtfs-proxy-helper wrapper can exec."""
+    hold_reload_signals()
     from gateway import serve
 
     return serve.run(sys.argv[1:], prog="gateway-proxy-helper")

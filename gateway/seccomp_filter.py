@@ -37,8 +37,8 @@ ALLOWED: tuple[str, ...] = (
     # (capset can only lower, or raise within the permitted set of seven; the bounding set is gone)
     "capget", "capset", "setfsuid", "setfsgid", "getuid", "geteuid", "getgid", "getegid",
     "getresuid", "getresgid",
-    # the audit trail: append, sync, reopen on SIGUSR1
-    "fsync", "fdatasync", "flock", "umask",
+    # the audit trail: append, sync, reopen on SIGUSR1, room reserved past its end (and given back)
+    "fsync", "fdatasync", "flock", "umask", "fallocate",
     # --console: the renderer (started before the filter) is reaped at exit; reaping cannot start anything
     "wait4",
     # the CPython runtime

@@ -14,17 +14,16 @@ import ctypes
 import gc
 import logging
 import os
-import signal
 import socket
 import stat
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from gateway import __version__, landlock
+from gateway import __version__, landlock, signals
 from gateway.audit import AuditWriter
 from gateway.core.executor import Executor, getversion_supported
-from gateway.rules import Policy, PolicyError, load_policy, load_policy_text
+from gateway.rules import Policy, PolicyError, load_policy, load_policy_bytes, loader
 from gateway.sandbox import SandboxConfig, confine
 from gateway.server import Server
 
@@ -257,17 +256,17 @@ def policy_reloader(policy_path: Path) -> tuple[Callable[[], Policy], int]:
     def reload() -> Policy:
         fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
         with os.fdopen(fd, "rb") as f:
-            raw = f.read()
-        return load_policy_text(raw.decode("utf-8"), source)
+            raw = loader.read_bounded(f)  # a reload reads no more than a start would
+        return load_policy_bytes(raw, source)
 
     return reload, dir_fd
 
 
 def run(argv: list[str], prog: str = "gateway serve") -> int:
-    # A reload or rotation signal that lands during start-up must not kill the gateway (both signals
-    # terminate by default); until the server can act on them, they are ignored.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    # A reload or rotation signal that lands during start-up must neither kill the gateway (both
+    # terminate by default) nor be lost: held until the server can act on it (gateway.signals). The
+    # entry points have done so already, before their imports; this covers a caller of run() itself.
+    signals.hold_reload_signals()
     try:
         opts = parse_options(argv, prog)
         check_export(opts.path)
@@ -317,8 +316,7 @@ def run(argv: list[str], prog: str = "gateway serve") -> int:
     executor = Executor(root_fd, proc_fd, getversion_supported=getversion_supported(root_fd))
     server = Server(sock, executor, policy, trail)
     server.reloader, policy_dir_fd = policy_reloader(policy_path)
-    signal.signal(signal.SIGHUP, lambda *_: server.request_reload())
-    signal.signal(signal.SIGUSR1, lambda *_: trail.reopen())
+    server.wakeup_fd = signals.install(server.request_reload, server.request_reopen)
     grants = [
         (trail.dirfd, landlock.AUDIT_DIR, os.path.dirname(trail.path)),
         (policy_dir_fd, landlock.READ_ONLY, str(policy_path.parent)),
@@ -335,9 +333,11 @@ def run(argv: list[str], prog: str = "gateway serve") -> int:
         log.critical("confinement failed: %s", exc)
         trail.lifecycle("stop", reason=f"confinement failed: {exc}")
         return 1
-    trail.lifecycle(
+    if not trail.lifecycle(
         "start", version=__version__, export=export, policy_source=str(policy_path), sandbox=state.as_dict()
-    )
+    ):
+        log.critical("refusing to serve: the start record cannot be written to %s", trail.path)
+        return 1
     trail.lifecycle(
         "policy-load", source=str(policy_path), rules=len(policy.rules), enforcement=policy.enforcement
     )

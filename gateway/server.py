@@ -12,6 +12,8 @@ import array
 import errno
 import logging
 import os
+import select
+import signal
 import socket
 import time
 from collections.abc import Callable
@@ -19,6 +21,8 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from gateway import protocol as p
+from gateway import signals
+from gateway.audit import TrailFailed
 from gateway.core.executor import Executor, Result
 from gateway.core.resolve import Resolution
 from gateway.names import errno_name
@@ -65,8 +69,10 @@ class Server:
         self.policy = policy
         self.set_policy(policy)
         self.reloader: Callable[[], Policy] | None = None  # reads and compiles the policy anew
-        self._busy = False
+        # Set by signal handlers (gateway.signals), acted on by the serve loop between two requests.
         self._reload_pending = False
+        self._reopen_pending = False
+        self.wakeup_fd: int | None = None  # signals.install()'s pipe: wakes the idle loop for them
 
     def set_policy(self, policy: Policy) -> None:
         """Swap the policy in force (called between two requests), with its id map and limits."""
@@ -88,11 +94,49 @@ class Server:
                 self.audit.lifecycle("limit", limit="rate", **hits)
 
     def request_reload(self) -> None:
-        """SIGHUP: reload the policy between two requests (now, if none is being handled)."""
-        if self._busy:
-            self._reload_pending = True
-        else:
-            self.reload()
+        """SIGHUP: reload the policy between two requests. Only sets a flag: it runs in a signal handler,
+        and acting there would re-enter whatever was interrupted (a record half written)."""
+        self._reload_pending = True
+
+    def request_reopen(self) -> None:
+        """SIGUSR1: reopen the trail between two requests (only a flag, as request_reload)."""
+        self._reopen_pending = True
+
+    def act_on_signals(self) -> None:
+        """Between two requests: one reopen and one reload for however many signals came meanwhile
+        (a storm coalesces; the requests waiting are served before the next one)."""
+        if self.wakeup_fd is not None:
+            self._take_wakeup()  # its bytes belong to the signals acted on now: no second reload later
+        if self._reopen_pending:
+            self._reopen_pending = False
+            if self.audit is not None:
+                self.audit.reopen()
+        if self._reload_pending:
+            self.reload()  # clears the flag first: a SIGHUP during the reload asks for one more
+
+    def _wait_for_data(self, poller: select.poll) -> None:
+        """Idle until the socket is readable, acting on signals as they come (the wakeup fd makes poll
+        return for them); a signal's Python handler has run by the time poll is retried or returns."""
+        wakeup = self.wakeup_fd
+        while True:
+            if self._reload_pending or self._reopen_pending:
+                self.act_on_signals()
+            readable = False
+            for fd, _events in poller.poll():
+                if fd == wakeup:
+                    self._take_wakeup()
+                else:
+                    readable = True  # data, EOF or an error: recv says which
+            if readable:
+                return
+
+    def _take_wakeup(self) -> None:
+        """Empty the wakeup pipe into the flags (its signal numbers too, should a handler not have run)."""
+        assert self.wakeup_fd is not None
+        seen = signals.drain(self.wakeup_fd)
+        if seen:
+            self._reload_pending = self._reload_pending or signal.SIGHUP in seen
+            self._reopen_pending = self._reopen_pending or signal.SIGUSR1 in seen
 
     def reload(self) -> bool:
         """Read, validate and compile the policy off to the side, then swap it in. An invalid policy is
@@ -187,9 +231,18 @@ class Server:
             else:
                 if performed is not request:
                     extra = {"host_uid": performed.uid, "host_gid": performed.gid}  # type: ignore[union-attr]
-                result = self.executor.perform(performed, res)
-                if ids is not None and request.type is p.RequestType.LSTAT and not result.errno:
-                    result.payload = ids.stat_payload_to_guest(result.payload)
+                try:  # fail closed: performed only once its record is sure to find room in the trail
+                    if self.audit is not None:
+                        self.audit.reserve(request, reason, decided.path, getattr(decided, "path2", b""))
+                except OSError as exc:  # TrailFull or TrailFailed: not performed, EIO, recorded if it fits
+                    if not isinstance(exc, TrailFailed):  # a failed trail says so once, not once a request
+                        log.error("not performed, the trail has no room for its record: answering EIO")
+                    result = Result(errno.EIO)
+                    extra = {**(extra or {}), "not_performed": exc.strerror}
+                else:
+                    result = self.executor.perform(performed, res)
+                    if ids is not None and request.type is p.RequestType.LSTAT and not result.errno:
+                        result.payload = ids.stat_payload_to_guest(result.payload)
         audit = self.audit
         if audit is not None:
             if decided is not request:
@@ -214,7 +267,8 @@ class Server:
             except OSError as exc:
                 # Fail closed: a reply the trail lacks must not be sent. The request may have been
                 # performed; the guest is told it failed, and the log says why.
-                log.error("audit record not written (%s): answering EIO", exc)
+                if not isinstance(exc, TrailFailed):  # a failed trail says so once, not once a request
+                    log.error("audit record not written (%s): answering EIO", exc)
                 if result.fd is not None:
                     os.close(result.fd)
                 return Result(errno.EIO)
@@ -233,23 +287,26 @@ class Server:
         next_event = decoder.next_event
         handle = self.handle
         reply = self.reply
+        poller = None
+        if self.wakeup_fd is not None:
+            poller = select.poll()
+            poller.register(sock.fileno(), select.POLLIN)
+            poller.register(self.wakeup_fd, select.POLLIN)
         while True:
             event = next_event()
             if type(event) in _REQUEST_CLASSES:  # the common case first: one set lookup
                 stats.requests += 1
-                self._busy = True
                 try:
-                    try:
-                        reply(event, handle(event))  # type: ignore[arg-type]
-                    finally:
-                        self._busy = False
-                    if self._reload_pending:
-                        self.reload()
+                    reply(event, handle(event))  # type: ignore[arg-type]
+                    if self._reload_pending or self._reopen_pending:
+                        self.act_on_signals()
                 except OSError as exc:
                     stats.end = f"write error: {exc.strerror}"
                     break
                 continue
             if event is p.NEED_DATA:
+                if poller is not None:
+                    self._wait_for_data(poller)
                 try:
                     n = sock.recv_into(rbuf)
                 except OSError as exc:

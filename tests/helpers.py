@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import subprocess
@@ -115,6 +116,29 @@ def wait_listening(path: str, timeout: float = 10) -> None:
                     return
         time.sleep(0.02)
     raise TimeoutError(f"nothing listens on {path}")
+
+
+@contextmanager
+def mounted_tmpfs(mnt: Path, size: str = "64k") -> Iterator[Path]:
+    """A small tmpfs at mnt (created), unmounted afterwards: a file system a test can fill in a moment."""
+    require_root()
+    mnt.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def fill(directory: Path) -> None:
+    """Take every byte the file system at directory has left (pages first, then the odd bytes)."""
+    with open(directory / "filler", "ab", buffering=0) as f:
+        for size in (4096, 512, 1):
+            try:
+                while True:
+                    f.write(b"\0" * size)
+            except OSError as exc:
+                assert exc.errno in (errno.ENOSPC, errno.EDQUOT), exc
 
 
 def status_of(pid: int) -> dict[str, str]:

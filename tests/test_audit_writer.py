@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import stat
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from helpers import fill, mounted_tmpfs, require_root
 
 from gateway import protocol as p
-from gateway.audit import ZERO_HASH, AuditError, AuditWriter, default_audit_path, request_fields
+from gateway.audit import (
+    ZERO_HASH,
+    AuditError,
+    AuditWriter,
+    TrailFailed,
+    TrailFull,
+    default_audit_path,
+    request_fields,
+)  # fmt: skip
 from gateway.audit import writer as writer_module
-from gateway.audit.fields import FIELD_ORDER, FIELD_SPECS, request_fragment
+from gateway.audit.fields import FIELD_ORDER, FIELD_SPECS, request_fragment, text
 from gateway.audit.verify import verify
 
 ALL_REQUESTS: list[p.Request] = [
@@ -307,9 +318,7 @@ def test_sync_modes(tmp_path: Path, monkeypatch) -> None:
 
 
 def test_a_failed_write_raises_and_is_not_counted(tmp_path: Path) -> None:
-    if not os.path.exists("/dev/full"):
-        pytest.skip("no /dev/full")
-    w = open_writer("/dev/full")
+    w = open_writer("/dev/full")  # a character device: no room can be reserved, the write itself fails
     with pytest.raises(AuditError, match="failed"):
         allow(w, p.Lstat(b"/"))
     assert w.seq == 1 and w.last_hash == ZERO_HASH
@@ -360,3 +369,199 @@ def test_writer_module_does_not_import_rich() -> None:
         "import sys, gateway.audit; sys.exit('rich' in sys.modules or 'gateway.audit.views' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent).returncode == 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Failing closed: room reserved before acting, the latch after a failed record, symlinks refused
+
+
+def blocks(path: Path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def test_room_is_reserved_past_the_end_without_changing_the_size(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl"
+    w = open_writer(path)
+    allow(w, p.Lstat(b"/a"))
+    size = os.stat(path).st_size
+    assert size == len(path.read_bytes())  # readers see the records only
+    assert blocks(path) >= size + writer_module.RESERVE_AHEAD - 4096
+    w.reserve(p.Lstat(b"/b"))  # room there already: nothing to allocate, nothing written
+    assert os.stat(path).st_size == size
+    w.close()
+    assert blocks(path) < size + 64 * 1024  # close gives the room back
+
+
+def test_reserve_tops_up_as_the_room_is_used(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl"
+    w = open_writer(path)
+    long = b"/" + b"x" * 4000
+    for _ in range(200):  # ~800 KiB of records: three times the first reservation
+        w.reserve(p.Lstat(long))
+        allow(w, p.Lstat(long))
+    assert blocks(path) >= os.stat(path).st_size + writer_module.LIFECYCLE_ROOM
+    w.close()
+    assert verify([str(path)]).ok
+
+
+def test_the_record_bound_holds_for_the_worst_bytes(tmp_path: Path) -> None:
+    """The bound reserve() allocates for must cover the record, whatever bytes the guest sends: lone
+    surrogates and control characters cost six JSON characters a byte."""
+    with open_writer(tmp_path / "t.jsonl") as w:
+        w.lifecycle("start")  # the first record's notes are accounted apart
+        for bad in (b"\xff", b"\x01", "é".encode(), "😀".encode()):
+            for request in ALL_REQUESTS:
+                fields = {}
+                for key in writer_module._TEXT_FIELDS[type(request)]:
+                    fields[key] = bad * (1000 // len(bad))
+                worst = replace(request, **fields)
+                reason = "é" * 300 + "\x01" * 300
+                resolved = bad * 700
+                bound = w._record_bound(worst, (reason, resolved))
+                before = os.stat(w.path).st_size
+                w.request(
+                    worst, decision="would-deny", rule="r" * 128, reason=reason, result="ENAMETOOLONG",
+                    us=1e300, resolved=text(resolved), host_uid=2**32 - 1, host_gid=2**32 - 1,
+                )  # fmt: skip
+                assert os.stat(w.path).st_size - before <= bound, type(request).__name__
+
+
+def test_no_room_refuses_before_acting_and_writes_no_partial_line(tmp_path: Path) -> None:
+    with mounted_tmpfs(tmp_path / "fs") as fs:
+        path = fs / "t.jsonl"
+        w = open_writer(path)
+        w.lifecycle("start")
+        w.reserve(p.Mkdir(0, 0, b"/d", 0o755))  # room for one, taken before the disk fills
+        fill(fs)
+        granted = 0
+        with pytest.raises(TrailFull, match="no room for the next record"):
+            for _ in range(10_000):
+                w.reserve(p.Mkdir(0, 0, b"/d", 0o755))
+                allow(w, p.Mkdir(0, 0, b"/d", 0o755))  # a reserved record is always written
+                granted += 1
+        assert w.failed is None  # a refused reservation lost no record: the writer still works
+        size = os.stat(path).st_size
+        # A record that does not fit is not written at all; from then on the writer refuses everything.
+        with pytest.raises(TrailFull):
+            allow(w, p.Mkdir(0, 0, b"/" + b"d" * 9000, 0o755))
+        assert os.stat(path).st_size == size
+        assert w.failed is not None and "no room" in w.failed
+        with pytest.raises(TrailFailed):
+            w.reserve(p.Lstat(b"/"))
+        with pytest.raises(TrailFailed):
+            allow(w, p.Lstat(b"/"))
+        assert w.lifecycle("stop", reason="done") is False  # never raises
+        assert not w.reopen()
+        w.close()
+        data = path.read_bytes()
+        assert data.endswith(b"\n") and len(data) == size
+        assert verify([str(path)]).ok
+        assert granted >= 1  # the room reserved before the disk filled carried on serving
+
+
+def test_a_failed_write_latches_and_lifecycle_records_never_raise(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "t.jsonl"
+    w = open_writer(path)
+    w.lifecycle("start")
+
+    def broken(fd: int, data: bytes) -> int:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(writer_module, "_write", broken)
+    w.reserve(p.Lstat(b"/"))  # room is there: the disk is not full, it is broken
+    with pytest.raises(AuditError, match="Input/output error"):
+        allow(w, p.Lstat(b"/"))
+    monkeypatch.undo()  # the disk recovers; the writer does not trust it again
+    with pytest.raises(TrailFailed, match="failed earlier"):
+        w.reserve(p.Lstat(b"/"))
+    with pytest.raises(TrailFailed):
+        allow(w, p.Lstat(b"/"))
+    assert w.lifecycle("stop") is False
+    w.close()
+    assert [r["event"] for r in records(path)] == ["start"]
+
+
+def test_a_failed_sync_latches(tmp_path: Path, monkeypatch) -> None:
+    w = open_writer(tmp_path / "t.jsonl", sync="every")
+
+    def broken(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(writer_module.os, "fdatasync", broken)
+    with pytest.raises(AuditError, match="sync"):
+        allow(w, p.Lstat(b"/"))
+    monkeypatch.undo()
+    with pytest.raises(TrailFailed):
+        w.reserve(p.Lstat(b"/"))
+    w.close()
+
+
+def test_without_fallocate_the_writer_says_so_and_latches_on_the_first_failure(
+    tmp_path: Path, monkeypatch
+) -> None:
+    def unsupported(fd: int, mode: int, offset: int, length: int) -> None:
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(writer_module, "fallocate", unsupported)
+    path = tmp_path / "t.jsonl"
+    w = open_writer(path)
+    w.reserve(p.Lstat(b"/"))  # nothing can be promised, nothing is refused
+    allow(w, p.Lstat(b"/"))
+    assert any("cannot reserve room" in n for n in records(path)[0]["audit_notes"])
+
+    def full(fd: int, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writer_module, "_write", full)
+    with pytest.raises(AuditError):
+        allow(w, p.Lstat(b"/"))
+    with pytest.raises(TrailFailed):
+        w.reserve(p.Lstat(b"/"))
+    w.close()
+
+
+def test_a_symlink_at_the_trail_is_refused(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    (tmp_path / "t.jsonl").symlink_to(victim)
+    with pytest.raises(AuditError, match=f"audit log {tmp_path}/t.jsonl is a symlink: refusing"):
+        open_writer(tmp_path / "t.jsonl")
+    assert victim.read_text() == "precious\n"
+    (tmp_path / "d.jsonl").symlink_to(tmp_path / "nowhere")  # dangling: would create a file there
+    with pytest.raises(AuditError, match="is a symlink: refusing"):
+        open_writer(tmp_path / "d.jsonl")
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_reopen_refuses_a_symlink_planted_after_rotation(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl"
+    w = open_writer(path)
+    allow(w, p.Lstat(b"/a"))
+    os.rename(path, tmp_path / "t.jsonl.1")
+    path.symlink_to(tmp_path / "victim")
+    assert not w.reopen()  # keeps writing to the old file, and says why there
+    w.close()
+    last = records(tmp_path / "t.jsonl.1")[-1]
+    assert last["event"] == "reopen" and "Too many levels of symbolic links" not in last["error"]
+    assert "symlink" in last["error"] and not (tmp_path / "victim").exists()
+
+
+def test_the_trail_directory_and_others_symlinks_on_the_way_are_refused(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "logs").symlink_to(real)
+    with pytest.raises(AuditError, match=f"audit log directory {tmp_path}/logs is a symlink: refusing"):
+        open_writer(tmp_path / "logs" / "t.jsonl")
+    # Higher up, a symlink of root's (/var/run -> /run, /var/log -> /data/log) is followed...
+    (real / "sub").mkdir()
+    (tmp_path / "up").symlink_to(real)
+    with open_writer(tmp_path / "up" / "sub" / "t.jsonl") as w:
+        allow(w, p.Lstat(b"/"))
+    assert (real / "sub" / "t.jsonl").exists()
+    # ...and one that another user made is not: only its owner could have planted it.
+    require_root()
+    (tmp_path / "theirs").symlink_to(real)
+    os.lchown(tmp_path / "theirs", 1000, 1000)
+    with pytest.raises(AuditError, match=f"{tmp_path}/theirs is a symlink owned by uid 1000: refusing"):
+        open_writer(tmp_path / "theirs" / "sub" / "t2.jsonl")
+    assert not (real / "sub" / "t2.jsonl").exists()

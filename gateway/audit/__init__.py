@@ -5,8 +5,16 @@ The review side (reader, verify, filters, views, console) is imported by those w
 """
 
 from gateway.audit.fields import request_fields, request_fragment
-from gateway.audit.writer import ZERO_HASH, AuditError, AuditWriter, default_audit_path
+from gateway.audit.writer import (
+    ZERO_HASH,
+    AuditError,
+    AuditWriter,
+    TrailFailed,
+    TrailFull,
+    default_audit_path,
+)
 
 __all__ = [
-    "ZERO_HASH", "AuditError", "AuditWriter", "default_audit_path", "request_fields", "request_fragment",
+    "ZERO_HASH", "AuditError", "AuditWriter", "TrailFailed", "TrailFull", "default_audit_path",
+    "request_fields", "request_fragment",
 ]  # fmt: skip

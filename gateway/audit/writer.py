@@ -11,25 +11,70 @@ line, and reopening (logrotate) continues them into the new file, so ``gateway a
 walk a trail across any number of files.
 
 The writer keeps an O_PATH fd on the log's directory and reopens the file relative to it: after the
-sandbox's chroot, an absolute path would name a file inside the guest's export.
+sandbox's chroot, an absolute path would name a file inside the guest's export. The directory and the
+file are opened without following a symlink at either (a planted link would redirect the trail, or
+create a root-owned file wherever it points); on the way to the directory, only symlinks owned by root
+(or by this process's user) are followed, since only they can have made them.
+
+Failing closed. A request is performed only if its record can be written:
+
+- :meth:`reserve` is called before a request is performed. It makes sure the space the request's record
+  will take (a bound computed from the request and the texts the server adds), plus LIFECYCLE_ROOM for
+  the records that end a session, is already allocated past the end of the file, with
+  fallocate(FALLOC_FL_KEEP_SIZE): the file's size does not change and readers see nothing, but the
+  blocks are the file's, so the record's write cannot fail for lack of space. Each top-up takes
+  RESERVE_AHEAD more, so the fallocate call is made once every few hundred records. When the room cannot
+  be had, reserve() raises TrailFull and the server answers EIO without performing the request (the
+  guest's own file system is not full: EIO, "the gateway cannot serve this", not ENOSPC).
+- A write is never started that the reserved room does not cover: a record that does not fit is not
+  written at all, so the file always ends with a whole line and the chain stays verifiable.
+- After the first record that could not be written (or synced), the writer is *failed*: it writes
+  nothing more, and every later reserve() and request() raises TrailFailed, so every later request is
+  refused without being performed. The latch holds until the gateway restarts (a restart resumes the
+  trail where its last whole line left it).
+- Lifecycle records (start, policy-reload, stop, ...) never raise for an I/O failure: lifecycle() logs
+  the failure, latches and returns False.
+- On a file system without fallocate (or a trail that is not a regular file: a FIFO, a device), room
+  cannot be reserved. The writer says so in the first record's audit_notes and falls back to latching on
+  the first failed write: then the one request whose record failed was performed without a record
+  (its reply is EIO), and every later one is refused. On copy-on-write file systems (btrfs with
+  snapshots, ZFS) an allocation is not a promise that an overwrite finds space; there too the latch is
+  the last line of defence.
+
+What a crash leaves behind, step by step (a request's walk: reserve, perform, record, reply):
+
+- during or after reserve(), before performing: nothing was done, nothing recorded, nothing replied.
+  The allocated room stays with the file, invisible past its end, and is used again after a restart.
+- after performing, before the record's write(): the request's effect is on disk and its record is not.
+  This one window is not closed (an intent record before every request would double the trail's cost);
+  the guest got no reply, so it cannot have acted on the result.
+- during the record's write(): a record is one write() of a whole line into allocated space, so a killed
+  process leaves all of it or none; a power cut can leave a torn last line, which the next start
+  terminates and names (``torn``), and with --audit-sync every the record was on disk before the reply.
+- after the record, before the reply: the trail says the request was done; the guest never heard.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import stat
+import sys
 import time
 from json.encoder import encode_basestring_ascii as quote  # type: ignore[attr-defined]
 from typing import Any
 
-from gateway.audit.fields import FIELD_ORDER, request_fragment, text
+from gateway.audit.fields import FIELD_ORDER, FIELD_SPECS, request_fragment, text
 from gateway.audit.syslog import DEFAULT_ADDRESS, SyslogSink
+
+log = logging.getLogger("gateway.audit")
 
 ZERO_HASH = "0" * 64
 _write = os.write
@@ -49,9 +94,56 @@ _CHAIN_KEYS = frozenset(
 _REQUEST_KEYS = _CHAIN_KEYS | set(FIELD_ORDER) | {"decision", "rule", "reason", "result", "us"}
 _TAIL_LIMIT = 16 << 20  # a "last line" longer than this is not a record: treat it as torn
 
+# Room past the end of the file (see the module's docstring). A top-up allocates what is needed plus
+# RESERVE_AHEAD, so that fallocate runs about once every thousand records, not once a record.
+RESERVE_AHEAD = 256 << 10
+# Kept free beyond every request record for the lifecycle records that end a session (limit,
+# client-gone, stop): a full disk still gets its stop record.
+LIFECYCLE_ROOM = 8 << 10
+# A request record's bytes besides its variable texts: keys, seq, time, event, decision, rule (an id of
+# at most 128 characters), result, us, ids, flag names, prev. A test holds every request type to it.
+_RECORD_FIXED = 2048
+_ESCAPED = 6  # the most JSON characters one byte becomes (\u00XX, \udcXX); one str character: twice that
+_TEXT_FIELDS: dict[type, tuple[str, ...]] = {
+    cls: tuple(key for key, kind in spec if kind == "text") for cls, spec in FIELD_SPECS.items()
+}
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
+_NOT_RESERVABLE = (errno.EOPNOTSUPP, errno.ENOSYS, errno.ENODEV, errno.ESPIPE, errno.EINVAL)
+_UNLIMITED = sys.maxsize  # the reserved end when nothing can be reserved: every room check passes
+
 
 class AuditError(OSError):
     """The trail cannot be written; the server must not reply as if the request had been recorded."""
+
+
+class TrailFull(AuditError):
+    """reserve(): room for the next record cannot be guaranteed; the request must not be performed."""
+
+
+class TrailFailed(AuditError):
+    """A record could not be written (or synced) earlier: the writer refuses everything from then on."""
+
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+try:
+    _libc = ctypes.CDLL("libc.so.6", use_errno=True)  # not find_library: it forks ldconfig and gcc
+    _fallocate = _libc.fallocate64
+    _fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    _fallocate.restype = ctypes.c_int
+except (OSError, AttributeError):  # not glibc: nothing can be reserved, the writer latches instead
+    _fallocate = None
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2), which the os module lacks (os.posix_fallocate cannot keep the size). OSError on
+    failure; ENOSYS when the C library has no fallocate."""
+    if _fallocate is None:
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+    while _fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        if err != errno.EINTR:  # a signal (SIGHUP, SIGUSR1) may interrupt a long allocation: again
+            raise OSError(err, os.strerror(err))
 
 
 def default_audit_path(tenant: str) -> str:
@@ -128,9 +220,9 @@ class AuditWriter:
     """Use :meth:`open`. Not thread-safe (the server is single-threaded on purpose)."""
 
     __slots__ = (
-        "_busy", "_console", "_dirfd", "_fd", "_first_extra", "_head", "_last_sync", "_policy_full",
-        "_prev", "_reopen_pending", "_seq", "_sync", "_syslog", "_tprefix", "_tsec", "console_dropped",
-        "interval", "name", "notes", "path", "tenant",
+        "_busy", "_console", "_dirfd", "_failed", "_fd", "_first_extra", "_head", "_last_sync",
+        "_policy_full", "_prev", "_reopen_pending", "_reserved_end", "_seq", "_size", "_sync", "_syslog",
+        "_tprefix", "_tsec", "console_dropped", "interval", "name", "notes", "path", "tenant",
     )  # fmt: skip
 
     def __init__(self, path: str, dirfd: int, fd: int, tenant: str, sync: str, interval: float) -> None:
@@ -155,6 +247,11 @@ class AuditWriter:
         self._first_extra: dict[str, Any] = {}
         self._busy = False
         self._reopen_pending = False
+        self._failed: str | None = None  # why the writer refuses everything (see TrailFailed)
+        # The file's end as this writer has written it, and how far past it space is allocated:
+        # a record is written only when _size + its length fits under _reserved_end.
+        self._size = 0
+        self._reserved_end = _UNLIMITED
 
     # -----------------------------------------------------------------------------------------------------
     # Opening and resuming
@@ -188,11 +285,7 @@ class AuditWriter:
             except OSError as exc:
                 raise AuditError(exc.errno, f"cannot create {DEFAULT_DIR}: {exc.strerror}") from None
         path = os.path.abspath(os.fspath(path))
-        directory = os.path.dirname(path)
-        try:
-            dirfd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise AuditError(exc.errno, f"audit log directory {directory}: {exc.strerror}") from None
+        dirfd = open_directory(os.path.dirname(path))
         try:
             fd = _open_locked(dirfd, path)
         except BaseException:
@@ -201,9 +294,13 @@ class AuditWriter:
         writer = cls(path, dirfd, fd, tenant, sync, interval)
         try:
             writer._resume()
+        except AuditError:
+            writer.close()
+            raise
         except OSError as exc:
             writer.close()
             raise AuditError(exc.errno, f"cannot resume {path}: {exc.strerror}") from None
+        writer._start_reserving()
         writer.set_policy(policy_hash)
         if syslog:
             address = syslog if isinstance(syslog, str) else DEFAULT_ADDRESS
@@ -220,10 +317,13 @@ class AuditWriter:
             return
         if stat.S_IMODE(st.st_mode) & 0o077:
             self.notes.append(f"{self.path} is accessible to others (mode {stat.S_IMODE(st.st_mode):04o})")
+        self._size = st.st_size
         if st.st_size == 0:
             return
-        rfd = os.open(self.name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self._dirfd)
+        rfd = os.open(self.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._dirfd)
         try:
+            if not os.path.samestat(os.fstat(rfd), st):  # the name was swapped since it was opened
+                raise AuditError(errno.ESTALE, f"audit log {self.path} was replaced while being opened")
             last, torn = _read_tail(rfd, st.st_size)
             lines = _count_lines(rfd, st.st_size) if torn else 0
         finally:
@@ -246,6 +346,103 @@ class AuditWriter:
             )
 
     # -----------------------------------------------------------------------------------------------------
+    # Reserving room (see the module's docstring)
+
+    def _start_reserving(self) -> None:
+        """Find out whether room can be reserved here, and take the first RESERVE_AHEAD of it."""
+        if not stat.S_ISREG(os.fstat(self._fd).st_mode):
+            self.notes.append(
+                f"{self.path} is not a regular file: no room can be reserved for records; the first record "
+                "that fails to be written is lost with its request performed, and every later one is refused"
+            )
+            return
+        self._reserved_end = self._size
+        try:
+            fallocate(self._fd, _FALLOC_FL_KEEP_SIZE, self._size, RESERVE_AHEAD)
+        except OSError as exc:
+            if exc.errno in _NOT_RESERVABLE:
+                self._reserved_end = _UNLIMITED
+                self.notes.append(
+                    f"{self.path}: its file system cannot reserve room for records ({exc.strerror}); the "
+                    "first record that fails to be written is lost with its request performed, and every "
+                    "later one is refused"
+                )
+            # else (ENOSPC, EDQUOT, EIO): nothing reserved yet; reserve() tries again and refuses if need be
+            return
+        self._reserved_end = self._size + RESERVE_AHEAD
+
+    def _make_room(self, need: int) -> None:
+        """Allocate past the end of the file until need bytes fit; TrailFull if the disk has no room."""
+        try:
+            size = os.fstat(self._fd).st_size  # the truth, should anything else have changed the file
+            if size < self._size:  # truncated behind our back (copytruncate): its allocation went with it
+                self._reserved_end = size
+            self._size = size
+            try:
+                fallocate(self._fd, _FALLOC_FL_KEEP_SIZE, size, need + RESERVE_AHEAD)
+                self._reserved_end = size + need + RESERVE_AHEAD
+            except OSError as exc:
+                if exc.errno not in _NO_ROOM:
+                    raise
+                fallocate(self._fd, _FALLOC_FL_KEEP_SIZE, size, need)  # all there is, if enough
+                self._reserved_end = size + need
+        except OSError as exc:
+            if exc.errno in _NOT_RESERVABLE:  # e.g. the file was moved to such a file system: fall back
+                self._reserved_end = _UNLIMITED
+                return
+            why = f"audit log {self.path}: no room for the next record ({need} bytes): {exc.strerror}"
+            raise TrailFull(exc.errno, why) from None
+
+    def _record_bound(self, request: Any, texts: tuple[str | bytes, ...]) -> int:
+        n = 0
+        if request is not None:
+            for key in _TEXT_FIELDS[type(request)]:
+                n += len(getattr(request, key))
+        for t in texts:
+            n += len(t) if isinstance(t, bytes) else 2 * len(t)
+        bound = _RECORD_FIXED + 2 * len(self._head) + _ESCAPED * n
+        if self._first_extra or self.notes:  # the first record after open also carries the writer's notes
+            bound += _RECORD_FIXED + 2 * _ESCAPED * sum(len(note) for note in self.notes)
+        return bound
+
+    def reserve(self, request: Any = None, *texts: str | bytes) -> None:
+        """Call before performing a request: returns once its record is sure to find room; raises
+        TrailFull (no room) or TrailFailed (the writer failed earlier) when the request must not be
+        performed.
+
+        texts: the variable-length texts the server will add to the record besides the request's own
+        (its reason, the resolved paths); the record's size is bounded from them and the request. The
+        room kept includes LIFECYCLE_ROOM for the records that end the session.
+        """
+        if self._failed is not None:
+            raise TrailFailed(errno.EIO, self._failed)
+        need = self._record_bound(request, texts) + LIFECYCLE_ROOM
+        if self._size + need > self._reserved_end:
+            self._make_room(need)
+
+    def _fail(self, why: str) -> None:
+        """Latch: from now on nothing is written and every request is refused."""
+        if self._failed is None:
+            self._failed = f"audit trail {self.path} failed earlier ({why}): refusing every request"
+            log.error("%s", self._failed)
+
+    @property
+    def failed(self) -> str | None:
+        """Why the writer refuses everything, or None while it writes."""
+        return self._failed
+
+    def _ensure_room(self, length: int) -> None:
+        """Before a write: the whole line must fit in allocated room, or no byte of it is written."""
+        if self._failed is not None:
+            raise TrailFailed(errno.EIO, self._failed)
+        if self._size + length > self._reserved_end:
+            try:
+                self._make_room(length)
+            except TrailFull as exc:
+                self._fail(exc.strerror)
+                raise
+
+    # -----------------------------------------------------------------------------------------------------
     # Writing
 
     def set_policy(self, policy_hash: str) -> None:
@@ -265,7 +462,8 @@ class AuditWriter:
         self, request: Any, *, decision: str, rule: str | None, reason: str, result: str, us: float,
         **extra: Any,
     ) -> None:  # fmt: skip
-        """Record one decided request. Returns once the line is in the kernel; raises AuditError if not."""
+        """Record one decided request. Returns once the line is in the kernel; raises AuditError if not
+        (TrailFailed once the writer has failed: then nothing is written)."""
         self._busy = True  # from here on, a reopen() from a signal handler waits for this record
         try:
             now = self._now()
@@ -280,18 +478,22 @@ class AuditWriter:
                 f"{_members(extra, _REQUEST_KEYS) if extra else ''}"
             )
             if self._first_extra or self.notes or self._syslog is not None or self._console is not None:
-                self._emit(body, now, "request", decision, rule, request)
+                self._emit(body, now, "request", decision, rule, request, LIFECYCLE_ROOM)
             else:
                 # _emit's steps for the common configuration (no notes pending, no copies to send),
                 # inlined: this runs once per request, between the operation and the reply.
                 line = (body + ',"prev":"' + self._prev + '"}').encode("ascii")
                 data = line + b"\n"
+                if self._size + len(data) + LIFECYCLE_ROOM > self._reserved_end or self._failed is not None:
+                    self._ensure_room(len(data) + LIFECYCLE_ROOM)
                 try:
                     written = _write(self._fd, data)
                 except OSError as exc:  # nothing reached the file: no torn line to note
                     why = f"audit write to {self.path} failed: {exc.strerror}"
+                    self._fail(why)
                     raise AuditError(exc.errno, why) from None
-                if written != len(data):  # a short write (a full disk): finish it, or note a torn line
+                self._size += written
+                if written != len(data):  # a short write (not for space: it was reserved): finish it
                     self._write_all(data, written)
                 self._prev = _sha256(line).hexdigest()
                 self._seq += 1
@@ -303,9 +505,13 @@ class AuditWriter:
             self._reopen_pending = False
             self.reopen()
 
-    def lifecycle(self, event: str, **fields: Any) -> None:
+    def lifecycle(self, event: str, **fields: Any) -> bool:
         """Record a lifecycle event (start, policy-load, policy-reload, protocol-error, client-gone, stop,
-        or another lower-case name) with the fields the server gives."""
+        or another lower-case name) with the fields the server gives.
+
+        Never raises for the trail's failure (a stop record on a full disk must not end the gateway
+        in a traceback): logs it, latches (see TrailFailed) and returns False. True once written.
+        """
         if not _EVENT_NAME.match(event) or event == "request":
             raise ValueError(f"not a lifecycle event name: {event!r}")
         if event in _FULL_POLICY_EVENTS and len(self._policy_full) > POLICY_SHORT:
@@ -315,20 +521,31 @@ class AuditWriter:
             # The trail is complete; say how incomplete its syslog copy is (a copy is dropped when the
             # daemon's queue, net.unix.max_dgram_qlen datagrams, is full). The console says so itself.
             extra = _members({"audit_dropped": {"syslog": self.syslog_dropped}}, frozenset())
+        if self._fd < 0:
+            log.error("audit record %r not written: the trail is closed", event)
+            return False
         self._busy = True
         try:
             now = self._now()
             body = f'{{"seq":{self._seq},"time":"{now}"{self._head},"event":{quote(event)}'
-            self._emit(body + _members(fields, _CHAIN_KEYS) + extra, now, event, None, None, None)
+            self._emit(body + _members(fields, _CHAIN_KEYS) + extra, now, event, None, None, None, 0)
+            written = True
+        except OSError as exc:
+            self._fail(exc.strerror or str(exc))
+            log.error("audit record %r not written: %s", event, exc.strerror or exc)
+            written = False
         finally:
             self._busy = False
         if self._reopen_pending:
             self._reopen_pending = False
             self.reopen()
+        return written
 
     def _emit(
-        self, body: str, now: str, event: str, decision: str | None, rule: str | None, request: Any
-    ) -> None:
+        self, body: str, now: str, event: str, decision: str | None, rule: str | None, request: Any,
+        keep: int,
+    ) -> None:  # fmt: skip
+        """Write one record; keep: room that must stay free after it (LIFECYCLE_ROOM for requests)."""
         first = bool(self._first_extra or self.notes)
         if first:
             extra = dict(self._first_extra)
@@ -336,6 +553,7 @@ class AuditWriter:
                 extra["audit_notes"] = list(self.notes)
             body += _members(extra, frozenset())
         line = (body + ',"prev":"' + self._prev + '"}').encode("ascii")
+        self._ensure_room(len(line) + 1 + keep)
         self._write_all(line + b"\n")
         self._prev = hashlib.sha256(line).hexdigest()
         seq = self._seq
@@ -360,7 +578,9 @@ class AuditWriter:
             try:
                 os.fdatasync(self._fd)  # data and size: all a reader needs to find the record
             except OSError as exc:  # written, but not known to be durable: the caller must know
-                raise AuditError(exc.errno, f"audit sync of {self.path} failed: {exc.strerror}") from None
+                why = f"audit sync of {self.path} failed: {exc.strerror}"
+                self._fail(why)  # a failed fdatasync may have dropped the pages: nothing is sure any more
+                raise AuditError(exc.errno, why) from None
             self._last_sync = mono
 
     def _write_all(self, data: bytes, written: int = 0) -> None:
@@ -368,14 +588,19 @@ class AuditWriter:
         view = memoryview(data)
         try:
             while written < len(data):
-                written += os.write(self._fd, view[written:])
+                n = os.write(self._fd, view[written:])
+                written += n
+                self._size += n
         except OSError as exc:
+            why = f"audit write to {self.path} failed: {exc.strerror}"
+            self._fail(why)
             if written:
-                # Part of the line reached the file: the next record terminates it and names it torn.
+                # Part of the line reached the file: terminated, so that a restart resumes after it and
+                # names it torn (this writer writes nothing more).
                 self._first_extra["torn"] = {"bytes": written}
                 with contextlib.suppress(OSError):
                     os.write(self._fd, b"\n")
-            raise AuditError(exc.errno, f"audit write to {self.path} failed: {exc.strerror}") from None
+            raise AuditError(exc.errno, why) from None
 
     def _to_console(self, line: bytes) -> None:
         assert self._console is not None
@@ -405,9 +630,10 @@ class AuditWriter:
 
         Safe to call from a signal handler: if a record is being written, the reopen happens right after
         it. Writes a "reopen" record (the first record of a new file, naming the old file's last hash in
-        prev). On failure, keeps writing to the old file, records why, and returns False.
+        prev). On failure, keeps writing to the old file, records why, and returns False. A failed
+        writer stays failed: it does not reopen.
         """
-        if self._fd < 0:
+        if self._fd < 0 or self._failed is not None:
             return False
         if self._busy:
             self._reopen_pending = True
@@ -422,14 +648,25 @@ class AuditWriter:
         if self._sync != "never":
             with contextlib.suppress(OSError):
                 os.fdatasync(old)
+        self._release_room()
         self._fd = fd
         os.close(old)
+        self._size = os.fstat(fd).st_size
+        self._reserved_end = _UNLIMITED
+        self._start_reserving()
         self.lifecycle("reopen", rotated=rotated)
         return True
 
+    def _release_room(self) -> None:
+        """Give back the room allocated past the end (a truncate to the same size frees it: ext4, tmpfs)."""
+        if self._reserved_end != _UNLIMITED and self._reserved_end > self._size:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, os.fstat(self._fd).st_size)
+            self._reserved_end = self._size
+
     def sync_if_due(self) -> None:
         """For an idle loop (optional): in interval mode, sync records written since the last sync."""
-        if self._sync == "interval" and self._fd >= 0:
+        if self._sync == "interval" and self._fd >= 0 and self._failed is None:
             self._sync_now(False)
 
     @property
@@ -460,6 +697,7 @@ class AuditWriter:
         if self._sync != "never":
             with contextlib.suppress(OSError):
                 os.fdatasync(self._fd)
+        self._release_room()
         os.close(self._fd)
         os.close(self._dirfd)
         self._fd = self._dirfd = -1
@@ -477,14 +715,75 @@ class AuditWriter:
         self.close()
 
 
+_O_DIR = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_MAX_LINKS = 40  # the kernel's own limit on symlinks followed in one lookup
+
+
+def open_directory(directory: str) -> int:
+    """An O_PATH fd on the trail's directory, opened one component at a time without following a symlink
+    at the directory itself. On the way to it, a symlink is followed only when root (or this process's
+    user) owns it: a symlink's owner is whoever made it, and nobody else may redirect the trail (/var/run
+    -> /run, an administrator's /var/log -> /data/log are root's). AuditError names the component."""
+    trusted = {0, os.geteuid()}
+    todo = [c for c in directory.split("/") if c][::-1]  # a stack: the next component last
+    walked = "/"
+    fd = os.open("/", _O_DIR)
+    links = 0
+    try:
+        while todo:
+            name = todo.pop()
+            if name == ".":
+                continue
+            here = os.path.normpath(os.path.join(walked, name))
+            try:
+                nfd = os.open(name, _O_DIR, dir_fd=fd)
+            except OSError as exc:
+                st = None
+                if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+                    with contextlib.suppress(OSError):
+                        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                if st is None or not stat.S_ISLNK(st.st_mode):
+                    raise AuditError(exc.errno, f"audit log directory {directory}: {here}: {exc.strerror}") \
+                        from None
+                if not todo:
+                    raise AuditError(
+                        errno.ELOOP, f"audit log directory {directory} is a symlink: refusing"
+                    ) from None
+                if st.st_uid not in trusted:
+                    raise AuditError(
+                        errno.ELOOP,
+                        f"audit log directory {directory}: {here} is a symlink owned by uid {st.st_uid}: "
+                        "refusing (only root's symlinks are followed on the way to the trail)",
+                    ) from None
+                links += 1
+                if links > _MAX_LINKS:
+                    raise AuditError(errno.ELOOP, f"audit log directory {directory}: too many symlinks") \
+                        from None
+                target = os.readlink(name, dir_fd=fd)
+                todo.extend([c for c in target.split("/") if c][::-1])
+                if target.startswith("/"):
+                    os.close(fd)
+                    fd = os.open("/", _O_DIR)
+                    walked = "/"
+                continue
+            os.close(fd)
+            fd, walked = nfd, here
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def _open_locked(dirfd: int, path: str) -> int:
     """Open for appending and take an exclusive lock: two gateways on one trail would fork its chain."""
     try:
         fd = os.open(
-            os.path.basename(path), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600,
-            dir_fd=dirfd,
+            os.path.basename(path),
+            os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dirfd,
         )  # fmt: skip
     except OSError as exc:
+        if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a symlink: planted, it would redirect the trail
+            raise AuditError(exc.errno, f"audit log {path} is a symlink: refusing") from None
         raise AuditError(exc.errno, f"cannot open audit log {path}: {exc.strerror}") from None
     try:
         if stat.S_ISREG(os.fstat(fd).st_mode):  # /dev/stderr and FIFOs may well be shared on purpose

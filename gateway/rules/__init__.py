@@ -9,7 +9,7 @@ The request path imports only this package (never rich, never the CLI):
 
 from gateway.rules.engine import decide, explain_decision
 from gateway.rules.idmap import IdMap, IdRange
-from gateway.rules.loader import load_policy, load_policy_text
+from gateway.rules.loader import load_policy, load_policy_bytes, load_policy_text
 from gateway.rules.model import Decision, Limits, ObjectAttrs, Policy, PolicyError, Problem, RuleTrace
 
 __all__ = [
@@ -25,5 +25,6 @@ __all__ = [
     "decide",
     "explain_decision",
     "load_policy",
+    "load_policy_bytes",
     "load_policy_text",
 ]
