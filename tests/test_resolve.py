@@ -174,3 +174,28 @@ def test_dotdot_walks_are_listed_canonically() -> None:
         assert res.through(b"/home/l/../x") == (b"/secret/dir",)  # '..' after a symlink is physical
         assert res.through(b"/secret/missing/../x") == (b"/secret/missing",)
         assert res.through(b"/home/x") == ()
+
+
+def test_dotdot_walks_cost_a_lookup_per_component_not_per_prefix(monkeypatch: object) -> None:
+    # A guest path of thousands of '..' once cost an openat2 of every prefix: quadratic, and a fuzzed
+    # 4 KiB path held the server for seconds. Count the lookups instead of timing them.
+    import gateway.core.resolve as resolve_mod
+
+    calls: list[bytes] = []
+    real = resolve_mod.sc.openat2
+
+    def counting(dirfd: int, path: bytes, *args: int) -> int:
+        calls.append(path)
+        return real(dirfd, path, *args)
+
+    entries = [("dir", "secret", ""), ("dir", "a", ""), ("dir", "a/b", ""), ("link", "a/l", "b")]
+    with export(entries) as (_, res):
+        monkeypatch.setattr(resolve_mod.sc, "openat2", counting)  # type: ignore[attr-defined]
+        plain = b"/a" + b"/b/.." * 600  # no symlink on the way: the lexical prefixes, one lookup
+        assert res.through(plain) == (b"/a/b",) and len(calls) == 1
+        calls.clear()
+        linked = b"/a" + b"/l/.." * 600  # a symlink each time: the walk replayed, one lookup per '..'
+        assert res.through(linked) == (b"/a/b",)
+        assert len(calls) <= 2 + 600, len(calls)
+        total = sum(len(c.split(b"/")) for c in calls)
+        assert total <= 10 * 600, total  # each lookup short: never a prefix of the whole path

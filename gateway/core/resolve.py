@@ -325,87 +325,101 @@ class Resolver:
         current.err = errno.ELOOP
         return current
 
-    def heading(self, path: bytes, *, follow_final: bool) -> bytes:
+    def heading(self, path: bytes, *, follow_final: bool, left: dict[bytes, None] | None = None) -> bytes:
         """Where a lookup that failed was heading: the kernel's walk replayed a component at a time,
         symlinks followed beneath the root, until a name is missing (the rest is then lexical). Only for
         deciding a request that will touch nothing: a dangling link into /secret is decided as /secret/...,
-        so whether a name exists there never shows through the answer."""
+        so whether a name exists there never shows through the answer. ``left`` collects the directories
+        each '..' walks out of."""
         stack = [c for c in reversed(path.split(b"/")) if c not in (b"", b".")]
         cur = b"/"
+        curfd = -1  # cur's directory, held while walking down so that each step costs one lookup
         links = 0
         missing = False
-        while stack:
-            comp = stack.pop()
-            if comp == b"..":
-                cur = cur.rsplit(b"/", 1)[0] or b"/"
-                continue
-            nxt = _join(cur, comp)
-            if missing:
+        try:
+            while stack:
+                comp = stack.pop()
+                if comp == b"..":
+                    if left is not None:
+                        left.setdefault(cur)
+                    cur = cur.rsplit(b"/", 1)[0] or b"/"
+                    curfd = self._drop(curfd)
+                    continue
+                nxt = _join(cur, comp)
+                if missing:
+                    cur = nxt
+                    continue
+                if curfd < 0:
+                    try:
+                        curfd = sc.openat2(self.root_fd, cur, _O_DIR, 0, _FAST)
+                    except OSError:
+                        missing = True
+                        cur = nxt
+                        continue
+                try:
+                    st = os.stat(comp, dir_fd=curfd, follow_symlinks=False)
+                except OSError:
+                    missing = True
+                    cur = nxt
+                    continue
+                if stat.S_ISLNK(st.st_mode) and (stack or follow_final):
+                    links += 1
+                    if links > MAX_LINKS:
+                        return nxt
+                    try:
+                        target = os.readlink(comp, dir_fd=curfd)
+                    except OSError:
+                        return nxt
+                    if target.startswith(b"/"):
+                        cur = b"/"
+                        curfd = self._drop(curfd)
+                    stack.extend(c for c in reversed(target.split(b"/")) if c not in (b"", b"."))
+                    continue
                 cur = nxt
-                continue
-            target = self._link_at(cur, comp) if stack or follow_final else None
-            if target is None:
-                missing = not self._exists(cur, comp)
-                cur = nxt
-                continue
-            links += 1
-            if links > MAX_LINKS:
-                return nxt
-            if target.startswith(b"/"):
-                cur = b"/"
-            stack.extend(c for c in reversed(target.split(b"/")) if c not in (b"", b"."))
-        return cur
-
-    def _dir(self, canon: bytes) -> int:
-        return sc.openat2(self.root_fd, canon, _O_DIR, 0, _FAST)
-
-    def _link_at(self, canon: bytes, name: bytes) -> bytes | None:
-        """The target of ``name`` in the directory ``canon`` when it is a symlink, else None."""
-        try:
-            fd = self._dir(canon)
-        except OSError:
-            return None
-        try:
-            return os.readlink(name, dir_fd=fd)
-        except OSError:
-            return None
+                try:
+                    down = os.open(comp, _O_DIR | os.O_NOFOLLOW, dir_fd=curfd) if stack else -1
+                except OSError:
+                    down = -1
+                    missing = bool(stack)  # not a directory: nothing lies below it
+                self._drop(curfd)
+                curfd = down
+            return cur
         finally:
-            os.close(fd)
+            self._drop(curfd)
 
-    def _exists(self, canon: bytes, name: bytes) -> bool:
-        try:
-            fd = self._dir(canon)
-        except OSError:
-            return False
-        try:
-            os.stat(name, dir_fd=fd, follow_symlinks=False)
-        except OSError:
-            return False
-        finally:
+    @staticmethod
+    def _drop(fd: int) -> int:
+        if fd >= 0:
             os.close(fd)
-        return True
+        return -1
 
     def through(self, path: bytes) -> tuple[bytes, ...]:
-        """The directories a '..' in path walks out of, canonical where they resolve (lexical where they
-        do not): the guest learns something about each one, so the rules must allow reading it."""
+        """The directories a '..' in path walks out of, canonical, each once: the guest learns something
+        about each one, so the rules must allow reading it. Linear in the path: when no symlink is on the
+        way (one openat2 with RESOLVE_NO_SYMLINKS says so) they are the lexical prefixes; otherwise the
+        kernel's walk is replayed (``heading``). A path of PATH_MAX or more walks nothing (ENAMETOOLONG)."""
         parts = path.split(b"/")
-        if b".." not in parts:
+        if b".." not in parts or len(path) >= PATH_MAX:
             return ()
-        out: list[bytes] = []
-        prefix = b""
+        try:
+            os.close(sc.openat2(self.root_fd, path, _O_PATH | os.O_NOFOLLOW, 0, _FAST))
+        except OSError as exc:
+            lexical = exc.errno != errno.ELOOP  # stopped at a missing name or a non-directory: no link
+        else:
+            lexical = True
+        left: dict[bytes, None] = {}
+        if not lexical:
+            self.heading(path, follow_final=False, left=left)
+            return tuple(left)
+        stack: list[bytes] = []
         for part in parts:
             if part == b"..":
-                here = prefix or b"/"
-                try:
-                    fd, canon = self.open_path(here, _O_DIR)
-                except OSError:
-                    canon = normalise_bytes(here)
-                else:
-                    os.close(fd)
-                out.append(canon)
-            if part:
-                prefix += b"/" + part
-        return tuple(out)
+                left.setdefault(b"/" + b"/".join(stack))
+                if stack:
+                    stack.pop()
+            elif part and part != b".":
+                stack.append(part)
+        return tuple(left)
 
 
 def _join(parent: bytes, name: bytes) -> bytes:
