@@ -190,6 +190,8 @@ def tokens(pattern: str) -> list[Token]:
             at_start = i == 0 or pattern[i - 1] == "/"
             at_end = j == n or pattern[j] == "/"
             if j - i >= 2 and at_start and at_end:
+                while j == n and out and out[-1][0] == "dirs":
+                    out.pop()  # **/** is **: /a/**/** matches /a itself, as /a/** does
                 if j == n and out and out[-1][0] == "slash":
                     out[-1] = ("below", "(?:/.*)?")  # trailing /**: the directory itself or anything below
                 elif j == n:
@@ -231,6 +233,8 @@ def prefix_source(toks: list[Token]) -> str:
     can span "/" makes every string a prefix (any string s is a prefix of s + "/"): ``.*``. The result is
     one nested group per token, so its size, and its matching cost, stay linear in the pattern's.
     """
+    if any(src == NEVER for _, src in toks):  # no match at all (a class of only "/"), so no prefixes
+        return NEVER
     out = ""
     for kind, src in reversed(toks):
         if kind in ("any", "dirs"):
