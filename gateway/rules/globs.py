@@ -341,6 +341,23 @@ class GlobSet:
         """
         return self.fullmatch(path) is not None or self.reach(_below(path)) is not None
 
+    def index_entries(self) -> list[tuple[tuple[str, ...], str, Callable[[str], object] | None]]:
+        """(trie prefix, kind, matcher or None) per node: the placements at one node, one entry.
+
+        The globs that share a node become one RE2 program, so ``**/{a,b,c,d}{a,b,c,d}x`` costs one
+        match per request, not one per alternative (256 of them cost 4.7 ms on a 4 KiB path). Exact
+        and subtree placements need no matcher: reaching the node is the match.
+        """
+        globs: dict[tuple[str, ...], list[Matcher]] = {}
+        out: list[tuple[tuple[str, ...], str, Callable[[str], object] | None]] = []
+        for place in self.placements:
+            if place.kind == "glob":
+                globs.setdefault(place.prefix, []).append(place.regex)
+            elif (place.prefix, place.kind, None) not in out:
+                out.append((place.prefix, place.kind, None))
+        out += [(prefix, "glob", union(ms).fullmatch) for prefix, ms in globs.items()]
+        return out
+
     def which(self, text: str) -> str | None:
         """The first pattern (as written) that matches: for explanations, not the hot path."""
         for place, owner in zip(self.placements, self.owners, strict=True):
