@@ -91,6 +91,8 @@ def test_placements_pick_the_literal_prefix() -> None:
         ("/a//b", True),
         ("/a/../b", True),
         ("/a/./b", True),
+        ("/a/[/]", True),  # a class never matches "/", so a class of only "/" matches nothing
+        ("/a/{[/],b}", False),
         ("{etc,/etc}/x", False),  # one alternative can match
         ("/etc/**", False),
         ("**/x", False),

@@ -386,6 +386,8 @@ def never_matches_path(pattern: str) -> str | None:
 def _alt_never_matches(alt: str) -> str | None:
     if not alt.startswith(("/", "**")):
         return "paths are absolute inside the export (start the pattern with '/' or '**/')"
+    if NEVER in translate(alt):
+        return "a character class of only '/' matches nothing (a class never matches '/')"
     if alt == "/":
         return None
     body = alt[1:] if alt.startswith("/") else alt
