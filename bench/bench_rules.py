@@ -199,6 +199,8 @@ def worst_requests() -> list[object]:
         b"/a/" + b"a/" * 2046 + b"x",
         b"/b" + b"/a" * 2047,
         (b"/a" * 2048)[:4094] + b"\xff\xfe",  # not UTF-8 at the end
+        b"/a/." * 1024,  # 2,048 components for the normaliser to walk
+        b"/a/a/.." * 585,
     ]
     out: list[object] = []
     for path in paths:
