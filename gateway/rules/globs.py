@@ -117,10 +117,12 @@ def expand_braces(pattern: str) -> list[str]:
 
 
 # A brace-free pattern is a list of tokens, each (kind, RE2 source). The kinds matter to prefix_source():
-#   "one"   exactly one character, never "/" (a literal, ?, [...])     "slash"  a literal "/"
-#   "star"  [^/]* (*, or ** inside a component)                        "any"    .* (a lone ** or a trailing
-#   "dirs"  (?:.*/)? (**/ : zero or more whole components)                      ** after a non-slash)
-#   "below" (?:/.*)? (a trailing /** : the directory itself or anything below it)
+#   "one"    exactly one character, never "/": a literal, ?, [...]
+#   "slash"  a literal "/"
+#   "star"   [^/]*       *, or ** inside a component
+#   "any"    .*          ** (or **/**) as the whole pattern
+#   "dirs"   (?:.*/)?    **/ : zero or more whole components
+#   "below"  (?:/.*)?    a trailing /** : the directory itself or anything below it
 Token = tuple[str, str]
 
 
