@@ -7,6 +7,11 @@ from __future__ import annotations
 
 
 def normalise(path: str) -> str:
+    if "/." not in path and path[:1] != ".":
+        # No '.' or '..' component, so only '//' and a trailing '/' to drop: done in C. The loop below
+        # costs ~0.1 us a component, and a guest's 4 KiB path has 2,048 of them (that loop was most of
+        # the worst decision's time).
+        return "/" + "/".join(filter(None, path.split("/")))
     stack: list[str] = []
     for part in path.split("/"):
         if part in ("", "."):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.paths import normalise, normalise_bytes
 
@@ -21,6 +23,19 @@ from gateway.paths import normalise, normalise_bytes
 )
 def test_normalise(raw: str, expected: str) -> None:
     assert normalise(raw) == expected
+
+
+@given(st.lists(st.sampled_from(["", ".", "..", "a", "b\udcff"]), max_size=12))
+@settings(deadline=None, derandomize=True, database=None)
+def test_normalise_agrees_with_the_plain_loop(parts: list[str]) -> None:
+    path = "/".join(parts)
+    stack: list[str] = []
+    for part in parts:
+        if part == "..":
+            stack = stack[:-1]
+        elif part not in ("", "."):
+            stack.append(part)
+    assert normalise(path) == "/" + "/".join(stack)
 
 
 def test_undecodable_bytes_survive_the_round_trip() -> None:

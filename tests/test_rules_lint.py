@@ -95,6 +95,7 @@ def test_globs_that_can_never_match() -> None:
     - {id: a, effect: deny, ops: [write], paths: ["/etc/**", "/usr/", "/a/../b"], except: ["/etc//x"]}
     - {id: b, effect: deny, ops: [symlink], when: {target_resolved: ["home/**"]}}
     - {id: c, effect: deny, ops: [write], paths: ["/a**b"]}
+    - {id: d, effect: deny, ops: [write], paths: ["/a[/]b", "/x"]}
     """)
     messages = [f.message for f in found if f.code == "glob-never-matches"]
     assert messages == [
@@ -105,6 +106,8 @@ def test_globs_that_can_never_match() -> None:
         "(no '//' and no trailing '/')",
         "rule 'b' target_resolved pattern 'home/**' can never match: paths are absolute inside the export "
         "(start the pattern with '/' or '**/')",
+        "rule 'd' paths pattern '/a[/]b' can never match: a character class of only '/' matches nothing (a "
+        "class never matches '/')",
     ]
     assert ("glob-double-star", "c") in codes(found)
 

@@ -14,10 +14,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from json.encoder import encode_basestring_ascii as quote  # type: ignore[attr-defined]
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway import names
 from gateway.names import OPS_BY_NAME
+
+if TYPE_CHECKING:
+    from gateway.rules.globs import GlobSet
 
 ALL_OPS = frozenset(OPS_BY_NAME)
 
@@ -62,19 +65,19 @@ def expand_ops(names: Iterable[str]) -> frozenset[str]:
 # anywhere (--path shadow, --path '*.so').
 
 
-def glob_regex(pattern: str) -> re.Pattern[str]:
+def glob_regex(pattern: str) -> GlobSet:
+    """The policy's own matcher (RE2, linear-time): a log's paths were chosen by guests."""
     # Imported here: the policy package loads its schema libraries, and only --path needs it.
-    from gateway.rules.globs import GlobError, expand_braces, translate
+    from gateway.rules.globs import GlobError, GlobSet
 
     if "/" not in pattern:
         pattern = "**/" + pattern
     elif not pattern.startswith(("/", "**")):
         pattern = "/" + pattern
     try:
-        alternatives = [translate(alternative) for alternative in expand_braces(pattern)]
+        return GlobSet.compile([pattern])
     except GlobError as exc:
         raise ValueError(f"bad path pattern {pattern!r}: {exc}") from None
-    return re.compile("(?:" + "|".join(alternatives) + r")\Z", re.DOTALL)
 
 
 def normal_path(path: str) -> str:
@@ -166,7 +169,7 @@ class RecordFilter:
     tenants: list[str] = field(default_factory=list)
     decisions: list[str] = field(default_factory=list)
     ops: frozenset[str] = frozenset()
-    paths: list[re.Pattern[str]] = field(default_factory=list)
+    paths: list[GlobSet] = field(default_factory=list)
     rules: list[str] = field(default_factory=list)
     uids: list[tuple[int, int]] = field(default_factory=list)
     gids: list[tuple[int, int]] = field(default_factory=list)
@@ -237,7 +240,7 @@ class RecordFilter:
         if self.paths:
             patterns = self.paths
             tests.append(lambda r: any(
-                isinstance(v, str) and p.match(normal_path(v))
+                isinstance(v, str) and p.matches(normal_path(v))
                 for v in (r.get("path"), r.get("path2")) for p in patterns
             ))  # fmt: skip
         if self.rules:

@@ -391,10 +391,8 @@ def compile_rules(rules: tuple[Rule, ...], default: str, enforcement: str) -> Co
             if rule.paths is None:
                 root.insert((), (view, None), False)
                 continue
-            for place in rule.paths.placements:
-                match = None if place.kind == "subtree" else place.regex.fullmatch
-                root.insert(place.prefix, (view, None if place.kind == "exact" else match),
-                            place.kind == "exact")
+            for prefix, kind, match in rule.paths.index_entries():
+                root.insert(prefix, (view, match), kind == "exact")
     for root in roots:
         if root is not None:
             root.freeze()

@@ -12,6 +12,9 @@
   elsewhere and give it the protected name (gateway/rules/aliases.py; the alias check applies the rules
   of the aliasing op).
 
+No finding warns about slow globs: every glob is an RE2 program matched in time linear in the path, and
+its cost does not grow with the number of ``**`` (bench/bench_rules.py --worst shows the worst case).
+
 Coverage is proven conservatively: a finding is reported only when it is certain, so a quiet lint does not
 prove that no rule is shadowed, but a reported shadow is real. (Duplicate ids are not findings: the
 loader refuses them, because decisions and audit records name rules by id.)
