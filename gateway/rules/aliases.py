@@ -32,12 +32,12 @@ path does not follow content the guest copies (reads, then writes elsewhere) whe
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from gateway.protocol import RequestType as RT
 from gateway.rules import model
 from gateway.rules.globs import Placement, has_special, translate
+from gateway.rules.matcher import Matcher
 from gateway.rules.model import Decision
 
 
@@ -125,7 +125,11 @@ def _reaches(place: Placement, path: str) -> bool:
     compiled = _PATTERNS.get(place.pattern)
     if compiled is None:
         compiled = _PATTERNS[place.pattern] = AliasPattern(place.pattern)
-    return compiled.reaches(path[1:].split("/") if path != "/" else [])
+    if compiled.tail is None:
+        return place.reaches(path)  # one RE2 program: linear in the path
+    comps = path[1:].split("/") if path != "/" else []
+    # **/A/**: A wholly inside T is the pattern matching T itself (one RE2 match); else a straddle.
+    return (compiled.trailing and place.regex.fullmatch(path) is not None) or compiled.straddles(comps, False)
 
 
 class AliasPattern:
@@ -164,10 +168,12 @@ class AliasPattern:
         if self.comps is None:
             return False
         if self.tail is not None:
-            return self._straddles(t)
-        return self._walk(t)
+            return self.straddles(t)
+        return self.walk(t)  # the engine asks RE2 (Placement.reaches); tests compare the two
 
-    def _walk(self, t: list[str]) -> bool:
+    def walk(self, t: list[str]) -> bool:
+        """Could the pattern match T or below it: a component walk (the engine asks RE2 instead, through
+        ``Placement.reaches``; the tests hold the two against each other)."""
         comps = self.comps
         assert comps is not None
         m = len(comps)
@@ -187,14 +193,16 @@ class AliasPattern:
             states = nxt
         return True  # some pattern position is alive after T: a suffix (or T itself) can finish it
 
-    def _straddles(self, t: list[str]) -> bool:
+    def straddles(self, t: list[str], inside: bool = True) -> bool:
+        """For an unanchored tail: does an occurrence of A take in components of T itself? Linear in T
+        for a tail of fixed length (the policy's, never the guest's)."""
         tail = self.tail
         assert tail is not None
         k, n = len(tail), len(t)
         for j in range(1, min(k, n) + 1):  # T's last j components start the tail
             if all(tail[x](t[n - j + x]) for x in range(j)):
                 return True
-        if self.trailing:  # **/A/**: A wholly inside T
+        if self.trailing and inside:  # **/A/**: A wholly inside T
             for start in range(0, n - k + 1):
                 if all(tail[x](t[start + x]) for x in range(k)):
                     return True
@@ -217,7 +225,7 @@ def _component(glob: str) -> Any:
     """A matcher for one component's glob (``*``, ``?``, ``[...]``; never ``/``)."""
     if not has_special(glob):
         return glob.__eq__
-    return re.compile(translate(glob), re.DOTALL).fullmatch
+    return Matcher(translate(glob)).fullmatch  # RE2: a component is guest text too
 
 
 _PATTERNS: dict[str, AliasPattern] = {}
