@@ -316,12 +316,15 @@ def reference_alias(p: Policy, request: object, obj: ObjectAttrs) -> Rule | None
     checks: list[tuple[int, str, bool, bool]] = []  # slot, path, unconditional, exact
     if t is RT.SYMLINK:
         checks.append((int(RT.SYMLINK), path, False, False))
-    elif t is RT.RENAME and obj.type != 0o100000:
-        assert path2 is not None
-        checks += [(int(RT.RENAME), path2, False, False), (int(RT.RENAME), path, False, False)]
-        checks += [(int(RT.LSTAT), path, True, False), (OPEN_READ, path, True, False)]
     else:
-        checks += [(int(RT.LSTAT), path, True, True), (OPEN_READ, path, True, True)]
+        assert path2 is not None
+        if obj.type in (None, 0o040000, 0o120000):  # a directory or a symlink reaches below its new name
+            checks.append((int(t), path2, False, False))
+        if t is RT.RENAME and obj.type in (None, 0o040000):
+            checks += [(int(RT.RENAME), path, False, False)]
+            checks += [(int(RT.LSTAT), path, True, False), (OPEN_READ, path, True, False)]
+        else:
+            checks += [(int(RT.LSTAT), path, True, True), (OPEN_READ, path, True, True)]
     for slot, where, unconditional, exact in checks:
         found = [r for r in p.rules if holds(r, slot, unconditional) and (
             (r.paths.matches(where) and not (r.except_ is not None and r.except_.matches(where)))  # type: ignore[union-attr]

@@ -16,6 +16,8 @@ The semantics, on top of the ordinary decision of each path:
   the guest wrote would appear there) or at or below S (what the rule protects would leave it), and by
   every unconditional deny rule on reads (LSTAT, OPEN for reading) that could match at or below S (what it
   hides would become readable under another name).
+* **RENAME or LINK of a symlink** puts a symlink at T: like SYMLINK at T, a deny rule of that op that
+  could match at or below T refuses it.
 * **RENAME of anything else, and LINK** (never of a directory) keep one object under one more or one
   other name: the ordinary decision of each path covers the new name; in addition a deny rule on reads
   that matches S refuses it (a second name for a hidden file is a way to read it).
@@ -32,6 +34,7 @@ path does not follow content the guest copies (reads, then writes elsewhere) whe
 
 from __future__ import annotations
 
+import stat
 from typing import Any
 
 from gateway.protocol import RequestType as RT
@@ -261,10 +264,14 @@ def _denial(view: Any, what: str) -> Decision:
 _READ_SLOTS = (int(RT.LSTAT), model.OPEN_READ)
 
 
+_DIR, _LNK = stat.S_IFDIR, stat.S_IFLNK
+
+
 def alias_decision(
-    c: Any, req: Any, path: str, path2: str | None, source_is_dir: bool | None
+    c: Any, req: Any, path: str, path2: str | None, source_type: int | None
 ) -> Decision | None:
-    """The deny an alias-creating request meets beyond its ordinary decision, or None."""
+    """The deny an alias-creating request meets beyond its ordinary decision, or None. ``source_type``
+    is the S_IF* type of a RENAME's or LINK's source (None: unknown, taken as the widest case)."""
     t = req.type
     roots = c.alias_roots
     if t is RT.SYMLINK:
@@ -273,12 +280,16 @@ def alias_decision(
             return _denial(v, f"a symlink at {path} makes what it leads to reachable at and below {path}")
         return None
     assert path2 is not None
-    if t is RT.RENAME and source_is_dir is not False:
-        own = roots.get(int(RT.RENAME))
-        v = reaching(own, path2, req)
+    # A directory carries what lies below it; a symlink (renamed, or hard-linked: a second symlink) leads
+    # to what lies below its target. Either way the new name reaches below itself.
+    if source_type in (None, _DIR, _LNK) and t in (RT.RENAME, RT.LINK):
+        v = reaching(roots.get(int(t)), path2, req)
         if v is not None:
-            return _denial(v, f"renaming a directory to {path2} makes what it holds reachable below {path2}")
-        v = reaching(own, path, req)
+            what = "a symlink" if source_type == _LNK else "a directory or symlink"
+            verb = "renaming" if t is RT.RENAME else "linking"
+            return _denial(v, f"{verb} {what} to {path2} makes what it leads to reachable below {path2}")
+    if t is RT.RENAME and source_type in (None, _DIR):
+        v = reaching(roots.get(int(RT.RENAME)), path, req)
         if v is not None:
             return _denial(v, f"renaming {path} away moves what lies below it out of the rule's paths")
         for slot in _READ_SLOTS:
@@ -286,7 +297,7 @@ def alias_decision(
             if v is not None:
                 return _denial(v, f"renaming {path} would make what it hides readable below {path2}")
         return None
-    # RENAME of a non-directory, LINK: a second name for a file a read-deny hides is a way to read it.
+    # A file (or a symlink) under a new name: a second name for what a read-deny hides is a way to read it.
     for slot in _READ_SLOTS:
         v = reaching(roots.get(slot), path, req, unconditional=True, exact=True)
         if v is not None:

@@ -24,7 +24,6 @@ Semantics (the model is Cedar's authorizer):
 
 from __future__ import annotations
 
-import stat
 from collections.abc import Callable
 from typing import Any
 
@@ -143,8 +142,9 @@ def decide(request: Any, policy: Policy, lookup: Lookup | None = None, *, explai
             decision = c.default if not hits and not hits2 else _final(c, [("path", hits), ("path2", hits2)])
         else:
             decision, obj = _settle(c, request, path, [("path", hits, pend), ("path2", hits2, pend2)], lookup)
-        if t is _RENAME and obj is None and _alias_worse(c, request, decision, path, path2, None):
-            # How far a rename's alias reaches depends on whether it moves a directory: look it up, and
+        if obj is None and _alias_worse(c, request, decision, path, path2, None):
+            # How far a rename's or link's alias reaches depends on what it names (a directory, a
+            # symlink, a file): look it up, and
             # let the pending rules see it too (so the decision names every rule that matched).
             obj = _objectify(lookup(path)) if lookup is not None else UNKNOWN
             if pend or pend2:
@@ -170,11 +170,11 @@ _LEVEL = {"allow": 0, "would-deny": 1, "deny": 2}
 
 
 def _alias_worse(c: Compiled, request: Any, decision: Decision, path: str, path2: str | None,
-                 source_is_dir: bool | None) -> Decision | None:
+                 source_type: int | None) -> Decision | None:
     """The deny an alias meets (gateway/rules/aliases.py), when it is worse than ``decision``."""
     if decision.outcome == "deny" or not c.alias_roots:
         return None
-    denial = alias_decision(c, request, path, path2, source_is_dir)
+    denial = alias_decision(c, request, path, path2, source_type)
     if denial is None or _LEVEL[denial.outcome] <= _LEVEL[decision.outcome]:
         return None
     return denial
@@ -182,12 +182,10 @@ def _alias_worse(c: Compiled, request: Any, decision: Decision, path: str, path2
 
 def _with_aliases(c: Compiled, request: Any, decision: Decision, path: str, path2: str | None,
                   lookup: Lookup | None, obj: ObjectAttrs | None) -> Decision:
-    """The ordinary decision, or the deny an alias meets when that is worse. A RENAME's reach depends on
-    whether its source is a directory (``obj``, looked up by the caller when it could matter)."""
-    source_is_dir: bool | None = None
-    if request.type is _RENAME and obj is not None and obj.type is not None:
-        source_is_dir = obj.type == stat.S_IFDIR
-    denial = _alias_worse(c, request, decision, path, path2, source_is_dir)
+    """The ordinary decision, or the deny an alias meets when that is worse. A RENAME's or LINK's
+    reach depends on its source's type (``obj``, looked up by the caller when it could matter)."""
+    source_type = obj.type if obj is not None else None
+    denial = _alias_worse(c, request, decision, path, path2, source_type)
     if denial is None:
         return decision
     matched = (*denial.matched, *(m for m in decision.matched if m not in denial.matched))
