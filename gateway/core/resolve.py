@@ -238,17 +238,11 @@ class Resolver:
             except OSError as exc:
                 r.err = exc.errno or errno.EIO
             return r
-        try:
-            r.fd = os.open(r.name, _O_NOFOLLOW, dir_fd=r.dirfd)
-        except OSError as exc:
-            r.err = exc.errno or errno.EIO
-        else:
-            r.own_fd = True
-        return r
+        return self._open_final(r)
 
     def follow(self, path: bytes, flags: int = _O_PATH) -> Resolved:
-        """``Form.FOLLOW``: what the whole path leads to. When that fails, the decision is on the best
-        place known (the end of a dangling link chain), so a deny does not depend on what exists."""
+        """``Form.FOLLOW``: what the whole path leads to. When that fails, the decision is on where the
+        lookup was heading (``heading``), so a deny does not depend on what exists."""
         if not path:
             return Resolved(b"/", err=errno.ENOENT)
         if len(path) >= PATH_MAX:
@@ -258,6 +252,19 @@ class Resolver:
         except OSError as exc:
             return Resolved(self.heading(path, follow_final=True), err=exc.errno or errno.EIO)
         return Resolved(canon, fd=fd, own_fd=True)
+
+    @staticmethod
+    def _open_final(r: Resolved) -> Resolved:
+        """The final component itself as an O_PATH fd, never followed: one lookup in the resolved
+        parent, of a name that holds no slash and is not '.' or '..'."""
+        assert r.name is not None
+        try:
+            r.fd = os.open(r.name, _O_NOFOLLOW, dir_fd=r.dirfd)
+        except OSError as exc:
+            r.err = exc.errno or errno.EIO
+        else:
+            r.own_fd = True
+        return r
 
     def _followed(self, r: Resolved, path: bytes, flags: int) -> Resolved:
         r.close()
@@ -291,18 +298,12 @@ class Resolver:
             except OSError as exc:
                 return Resolved(normalise_bytes(path), err=exc.errno or errno.EIO)
             return Resolved(canon, fd=fd, own_fd=True)
-        try:
-            r.fd = os.open(r.name, _O_NOFOLLOW, dir_fd=r.dirfd)
-        except OSError as exc:
-            r.err = exc.errno or errno.EIO
-        else:
-            r.own_fd = True
-        return r
+        return self._open_final(r)
 
     def chain_end(self, path: bytes) -> Resolved:
         """Where a chain of symlinks ends (``Form.NAME`` of its last name): the name a following create
-        makes, and the place a failed following lookup is decided on. Each link's parent is resolved
-        beneath the root, each target read from that parent, as the kernel's own walk does."""
+        makes through a dangling link. Each link's parent is resolved beneath the root, each target read
+        from that parent, as the kernel's own walk does."""
         current = self.name(path)
         for _ in range(MAX_LINKS):
             if current.err or current.name is None or current.dir_only:
