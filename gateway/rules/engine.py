@@ -142,21 +142,24 @@ def decide(request: Any, policy: Policy, lookup: Lookup | None = None, *, explai
             decision = c.default if not hits and not hits2 else _final(c, [("path", hits), ("path2", hits2)])
         else:
             decision, obj = _settle(c, request, path, [("path", hits, pend), ("path2", hits2, pend2)], lookup)
-        if obj is None and _alias_worse(c, request, decision, path, path2, None):
+        denial = _alias_worse(c, request, decision, path, path2, obj.type if obj is not None else None)
+        if denial is not None and obj is None:
             # How far a rename's or link's alias reaches depends on what it names (a directory, a
-            # symlink, a file): look it up, and
-            # let the pending rules see it too (so the decision names every rule that matched).
+            # symlink, a file): look it up, and let the pending rules see it too (so the decision names
+            # every rule that matched).
             obj = _objectify(lookup(path)) if lookup is not None else UNKNOWN
             if pend or pend2:
                 decision = _final(c, [("path", hits + [v for v in pend if v.res(request, obj)]),
                                       ("path2", hits2 + [v for v in pend2 if v.res(request, obj)])])
-        return _with_aliases(c, request, decision, path, path2, lookup, obj)
+            if obj.type is not None:  # known now: the alias may reach less far than an unknown one
+                denial = _alias_worse(c, request, decision, path, path2, obj.type)
+        return _with_alias(decision, denial)
     if t is _SYMLINK:
         if not pend:
             decision = c.default if not hits else _final(c, [("path", hits)])
         else:
             decision = _settle(c, request, path, [("path", hits, pend)], lookup)[0]
-        return _with_aliases(c, request, decision, path, None, lookup, None)
+        return _with_alias(decision, _alias_worse(c, request, decision, path, None, None))
     if not pend:  # the common case: no object conditions in play
         if not hits:
             return c.default
@@ -180,12 +183,8 @@ def _alias_worse(c: Compiled, request: Any, decision: Decision, path: str, path2
     return denial
 
 
-def _with_aliases(c: Compiled, request: Any, decision: Decision, path: str, path2: str | None,
-                  lookup: Lookup | None, obj: ObjectAttrs | None) -> Decision:
-    """The ordinary decision, or the deny an alias meets when that is worse. A RENAME's or LINK's
-    reach depends on its source's type (``obj``, looked up by the caller when it could matter)."""
-    source_type = obj.type if obj is not None else None
-    denial = _alias_worse(c, request, decision, path, path2, source_type)
+def _with_alias(decision: Decision, denial: Decision | None) -> Decision:
+    """The ordinary decision, or the alias's deny (naming every rule that matched) when there is one."""
     if denial is None:
         return decision
     matched = (*denial.matched, *(m for m in decision.matched if m not in denial.matched))
