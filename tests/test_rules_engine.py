@@ -13,9 +13,11 @@ import pytest
 from gateway.protocol import Chmod, Create, Link, Lstat, Open, Rename, Symlink
 from gateway.protocol import RequestType as RT
 from gateway.rules import Decision, ObjectAttrs, decide, load_policy_text
-from gateway.rules.aliases import AliasPattern
+from gateway.rules.aliases import Tail
 from gateway.rules.compiler import model_path
 from gateway.rules.engine import slot_of
+from gateway.rules.globs import has_special, translate
+from gateway.rules.matcher import Matcher
 from gateway.rules.model import OPEN_READ, TWO_PATH, Policy, Rule
 from gateway.rules.requests import parse_text
 
@@ -289,6 +291,46 @@ def reference(p: Policy, request: object, obj: ObjectAttrs) -> tuple[str, set[st
     return {0: "allow", 1: "would-deny", 2: "deny"}[level], matched
 
 
+def reference_reaches(pattern: str, t: list[str]) -> bool:
+    """Could a brace-free pattern match T or below it (an unanchored tail: only where it takes in T), by
+    a component walk rather than the engine's RE2 programs."""
+    tail = Tail.of(pattern)
+    if tail is not None:
+        return tail.straddles(t, inside=True)
+    if pattern.startswith("/"):
+        parts = pattern[1:].split("/") if pattern != "/" else []
+    elif pattern.startswith("**"):
+        parts = pattern.split("/")
+    else:
+        return False  # matches no absolute path
+    comps = [None if c == "**" else (c.__eq__ if not has_special(c) else Matcher(translate(c)).fullmatch)
+             for c in parts]
+
+    def closure(states: set[int]) -> set[int]:  # let a ** match no component
+        out, todo = set(states), list(states)
+        while todo:
+            i = todo.pop()
+            if i < len(comps) and comps[i] is None and i + 1 not in out:
+                out.add(i + 1)
+                todo.append(i + 1)
+        return out
+
+    states = {0}
+    for name in t:
+        nxt: set[int] = set()
+        for i in closure(states):
+            if i < len(comps):
+                c = comps[i]
+                if c is None:
+                    nxt.add(i)
+                elif c(name):
+                    nxt.add(i + 1)
+        if not nxt:
+            return False
+        states = nxt
+    return True  # some pattern position is alive after T: a suffix (or T itself) can finish it
+
+
 def reference_alias(p: Policy, request: object, obj: ObjectAttrs) -> Rule | None:
     """The alias semantics of gateway/rules/aliases.py, brute force: every deny rule with paths, no index."""
     t = request.type  # type: ignore[attr-defined]
@@ -302,7 +344,7 @@ def reference_alias(p: Policy, request: object, obj: ObjectAttrs) -> Rule | None
         excepts = rule.except_.placements if rule.except_ is not None else ()
         if any(pl.kind == "subtree" and tuple(comps[: len(pl.prefix)]) == pl.prefix for pl in excepts):
             return False
-        return any(AliasPattern(pl.pattern).reaches(comps) for pl in rule.paths.placements)  # type: ignore[union-attr]
+        return any(reference_reaches(pl.pattern, comps) for pl in rule.paths.placements)  # type: ignore[union-attr]
 
     def holds(rule: Rule, slot: int, unconditional: bool) -> bool:
         view = p.compiled.views.get((rule.id, slot))

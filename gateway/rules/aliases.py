@@ -51,14 +51,15 @@ class AliasNode:
 
     def __init__(self) -> None:
         self.kids: dict[str, AliasNode] = {}
-        self.here: list[tuple[Any, Placement]] = []  # (view, placement) whose literal prefix ends here
+        # (view, placement, its Tail or None) for the placements whose literal prefix ends here
+        self.here: list[tuple[Any, Placement, Tail | None]] = []
         self.below: tuple[Any, ...] = ()  # every view placed strictly below this node
 
     def insert(self, view: Any, place: Placement) -> None:
         node = self
         for comp in place.prefix:
             node = node.kids.setdefault(comp, AliasNode())
-        node.here.append((view, place))
+        node.here.append((view, place, Tail.of(place.pattern)))
 
     def freeze(self) -> tuple[Any, ...]:
         """Fill ``below`` bottom-up; returns every view at or below this node."""
@@ -67,7 +68,7 @@ class AliasNode:
             for v in kid.freeze():
                 found[id(v)] = v
         self.below = tuple(found.values())
-        for v, _place in self.here:
+        for v, _place, _tail in self.here:
             found[id(v)] = v
         return tuple(found.values())
 
@@ -108,11 +109,11 @@ def _candidates(root: AliasNode, path: str, comps: list[str]) -> list[Any]:
     node: AliasNode | None = root
     depth = 0
     while node is not None:
-        for view, place in node.here:
+        for view, place, tail in node.here:
             if place.kind == "exact":
                 if depth == len(comps):
                     found.append(view)
-            elif place.kind == "subtree" or _reaches(place, path):
+            elif place.kind == "subtree" or _reaches(place, tail, path):
                 found.append(view)
         if depth == len(comps):
             found.extend(node.below)  # every literal prefix down there extends T
@@ -122,106 +123,60 @@ def _candidates(root: AliasNode, path: str, comps: list[str]) -> list[Any]:
     return found
 
 
-def _reaches(place: Placement, path: str) -> bool:
-    """Whether aliasing ``path`` could put something under the pattern that was not already (see
-    ``AliasPattern``)."""
-    compiled = _PATTERNS.get(place.pattern)
-    if compiled is None:
-        compiled = _PATTERNS[place.pattern] = AliasPattern(place.pattern)
-    if compiled.tail is None:
+def _reaches(place: Placement, tail: Tail | None, path: str) -> bool:
+    """Whether aliasing ``path`` could put something under the pattern that was not already there."""
+    if tail is None:
         return place.reaches(path)  # one RE2 program: linear in the path
-    comps = path[1:].split("/") if path != "/" else []
     # **/A/**: A wholly inside T is the pattern matching T itself (one RE2 match); else a straddle.
-    return (compiled.trailing and place.regex.fullmatch(path) is not None) or compiled.straddles(comps, False)
+    if tail.trailing and place.regex.fullmatch(path) is not None:
+        return True
+    return tail.straddles(path[1:].split("/") if path != "/" else [])
 
 
-class AliasPattern:
-    """A brace-free path pattern as a list of components, for the question aliasing asks: is there a
-    path at or below T that the pattern matches, and whose match depends on T being where it is?
+class Tail:
+    """An unanchored tail, ``**/A`` or ``**/A/**`` with no other ``**``: the one shape whose reach is
+    narrower than "could match at or below T".
 
-    For an anchored pattern (``/home/*/private/**``) that is "could it match T or below T": a component-
-    by-component walk, O(len(pattern) x len(T)). For an unanchored tail (``**/A`` or ``**/A/**`` with no
-    other ``**``) the same components A match wherever they sit, so content moved below T matches only if
-    it already matched where it came from -- unless the occurrence of A takes in components of T itself.
-    Only that straddle (or A inside T, for ``**/A/**``) counts, which keeps ``symlink /cache/x`` legal
-    under a deny on ``**/.git/hooks/**`` while ``symlink ../shadow /cache/repo/.git`` is refused.
+    The same components A match wherever they sit, so content moved below T matches only if it already
+    matched where it came from -- unless the occurrence of A takes in components of T itself. Only that
+    straddle (or A inside T, for ``**/A/**``) counts, which keeps ``symlink /cache/x`` legal under a deny
+    on ``**/.git/hooks/**`` while ``symlink ../shadow /cache/repo/.git`` is refused. Anchored patterns
+    (``/home/*/private/**``) keep the plain question, answered by ``Placement.reaches``.
     """
 
-    __slots__ = ("comps", "tail", "trailing")
+    __slots__ = ("comps", "trailing")
 
-    def __init__(self, pattern: str) -> None:
-        if pattern.startswith("/"):
-            parts = pattern[1:].split("/") if pattern != "/" else []
-        elif pattern.startswith("**"):
-            parts = pattern.split("/")
-        else:
-            parts = None  # matches no absolute path
-        self.comps = None if parts is None else [None if c == "**" else _component(c) for c in parts]
-        self.tail: list[Any] | None = None
-        self.trailing = False
-        if self.comps and self.comps[0] is None:
-            rest = self.comps[1:]
-            self.trailing = bool(rest) and rest[-1] is None
-            if self.trailing:
-                rest = rest[:-1]
-            if rest and all(c is not None for c in rest):
-                self.tail = rest
+    def __init__(self, comps: list[Any], trailing: bool) -> None:
+        self.comps = comps  # a matcher per component of A
+        self.trailing = trailing
 
-    def reaches(self, t: list[str]) -> bool:
-        if self.comps is None:
-            return False
-        if self.tail is not None:
-            return self.straddles(t)
-        return self.walk(t)  # the engine asks RE2 (Placement.reaches); tests compare the two
+    @classmethod
+    def of(cls, pattern: str) -> Tail | None:
+        """The tail of a brace-free pattern, or None when it is not of that shape."""
+        parts = pattern.split("/")
+        if parts[0] != "**":
+            return None
+        rest = parts[1:]
+        trailing = bool(rest) and rest[-1] == "**"
+        if trailing:
+            rest = rest[:-1]
+        if not rest or "**" in rest:
+            return None
+        return cls([_component(c) for c in rest], trailing)
 
-    def walk(self, t: list[str]) -> bool:
-        """Could the pattern match T or below it: a component walk (the engine asks RE2 instead, through
-        ``Placement.reaches``; the tests hold the two against each other)."""
-        comps = self.comps
-        assert comps is not None
-        m = len(comps)
-        states = {0}
-        for name in t:
-            nxt: set[int] = set()
-            for i in _closure(states, comps):
-                if i == m:
-                    continue
-                c = comps[i]
-                if c is None:
-                    nxt.add(i)
-                elif c(name):
-                    nxt.add(i + 1)
-            if not nxt:
-                return False
-            states = nxt
-        return True  # some pattern position is alive after T: a suffix (or T itself) can finish it
-
-    def straddles(self, t: list[str], inside: bool = True) -> bool:
-        """For an unanchored tail: does an occurrence of A take in components of T itself? Linear in T
-        for a tail of fixed length (the policy's, never the guest's)."""
-        tail = self.tail
-        assert tail is not None
+    def straddles(self, t: list[str], inside: bool = False) -> bool:
+        """Does an occurrence of A take in components of T itself (``inside``: or lie wholly in T, which
+        the caller usually asks RE2 instead)? Linear in T for a tail of fixed length (the policy's)."""
+        tail = self.comps
         k, n = len(tail), len(t)
         for j in range(1, min(k, n) + 1):  # T's last j components start the tail
             if all(tail[x](t[n - j + x]) for x in range(j)):
                 return True
-        if self.trailing and inside:  # **/A/**: A wholly inside T
+        if self.trailing and inside:
             for start in range(0, n - k + 1):
                 if all(tail[x](t[start + x]) for x in range(k)):
                     return True
         return False
-
-
-def _closure(states: set[int], comps: list[Any]) -> set[int]:
-    """States plus those reached by letting a ``**`` match no component."""
-    out = set(states)
-    todo = list(states)
-    while todo:
-        i = todo.pop()
-        if i < len(comps) and comps[i] is None and i + 1 not in out:
-            out.add(i + 1)
-            todo.append(i + 1)
-    return out
 
 
 def _component(glob: str) -> Any:
@@ -229,9 +184,6 @@ def _component(glob: str) -> Any:
     if not has_special(glob):
         return glob.__eq__
     return Matcher(translate(glob)).fullmatch  # RE2: a component is guest text too
-
-
-_PATTERNS: dict[str, AliasPattern] = {}
 
 
 def reaching(root: AliasNode | None, path: str, req: Any, *, unconditional: bool = False,
