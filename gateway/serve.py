@@ -20,7 +20,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from gateway import __version__, landlock, signals
+from gateway import __version__, fastloop, landlock, signals
 from gateway.audit import AuditWriter
 from gateway.core.executor import Executor, getversion_supported
 from gateway.rules import Policy, PolicyError, load_policy, load_policy_bytes, loader
@@ -334,7 +334,8 @@ def run(argv: list[str], prog: str = "gateway serve") -> int:
         trail.lifecycle("stop", reason=f"confinement failed: {exc}")
         return 1
     if not trail.lifecycle(
-        "start", version=__version__, export=export, policy_source=str(policy_path), sandbox=state.as_dict()
+        "start", version=__version__, export=export, policy_source=str(policy_path), sandbox=state.as_dict(),
+        data_plane=fastloop.build_info(),
     ):
         log.critical("refusing to serve: the start record cannot be written to %s", trail.path)
         return 1

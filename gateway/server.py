@@ -12,7 +12,6 @@ import array
 import errno
 import logging
 import os
-import select
 import signal
 import socket
 import time
@@ -25,6 +24,7 @@ from gateway import signals
 from gateway.audit import TrailFailed
 from gateway.core.executor import Executor, Result
 from gateway.core.resolve import Resolution
+from gateway.fastloop import CompiledLoop
 from gateway.names import errno_name
 from gateway.rules import Decision, Policy, decide
 from gateway.tenancy import IdTranslator, RateLimiter, Refused, check_truncate
@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.server")
 
-_RECV_SIZE = 1 << 18
 _perf_counter_ns = time.perf_counter_ns
 _NO_EXTRA: dict[str, object] = {}  # never mutated: the record's extras when there are none
 
@@ -113,22 +112,6 @@ class Server:
                 self.audit.reopen()
         if self._reload_pending:
             self.reload()  # clears the flag first: a SIGHUP during the reload asks for one more
-
-    def _wait_for_data(self, poller: select.poll) -> None:
-        """Idle until the socket is readable, acting on signals as they come (the wakeup fd makes poll
-        return for them); a signal's Python handler has run by the time poll is retried or returns."""
-        wakeup = self.wakeup_fd
-        while True:
-            if self._reload_pending or self._reopen_pending:
-                self.act_on_signals()
-            readable = False
-            for fd, _events in poller.poll():
-                if fd == wakeup:
-                    self._take_wakeup()
-                else:
-                    readable = True  # data, EOF or an error: recv says which
-            if readable:
-                return
 
     def _take_wakeup(self) -> None:
         """Empty the wakeup pipe into the flags (its signal numbers too, should a handler not have run)."""
@@ -274,49 +257,27 @@ class Server:
                 return Result(errno.EIO)
         return result
 
-    def serve(self) -> ServeStats:
+    def serve(self, *, compiled_requests: bool = True) -> ServeStats:
         """Serve until the client goes away or the stream can no longer be framed; never raises for
-        anything the peer sends."""
-        sock = self.sock
-        decoder = self.decoder
-        stats = self.stats
-        # One receive buffer for the connection's life: sock.recv(_RECV_SIZE) would allocate (mmap) and
-        # free (munmap) a 256 KiB bytes object per request, which cost more than the request itself.
-        rbuf = bytearray(_RECV_SIZE)
-        rview = memoryview(rbuf)
-        next_event = decoder.next_event
-        handle = self.handle
-        reply = self.reply
-        poller = None
-        if self.wakeup_fd is not None:
-            poller = select.poll()
-            poller.register(sock.fileno(), select.POLLIN)
-            poller.register(self.wakeup_fd, select.POLLIN)
-        while True:
-            event = next_event()
-            if type(event) in _REQUEST_CLASSES:  # the common case first: one set lookup
-                stats.requests += 1
-                try:
-                    reply(event, handle(event))  # type: ignore[arg-type]
-                    if self._reload_pending or self._reopen_pending:
-                        self.act_on_signals()
-                except OSError as exc:
-                    stats.end = f"write error: {exc.strerror}"
-                    break
-                continue
-            if event is p.NEED_DATA:
-                if poller is not None:
-                    self._wait_for_data(poller)
-                try:
-                    n = sock.recv_into(rbuf)
-                except OSError as exc:
-                    stats.end = f"read error: {exc.strerror}"
-                    break
-                decoder.feed(rview[:n])  # the decoder copies; 0 bytes is EOF
-                continue
-            if not self._rare_event(event):
-                break
-        return stats
+        anything the peer sends. The loop is the compiled one (gateway/fastloop.pyx): it serves the
+        common requests itself and hands every other frame to serve_event. ``compiled_requests=False``
+        hands it every frame (the tests' way of holding the two side by side)."""
+        return CompiledLoop(self, compiled_requests=compiled_requests).serve()  # type: ignore[no-any-return]
+
+    def serve_event(self, event: p.Event) -> bool:
+        """One decoded event (a request or a rare one): handled, recorded and answered; False ends the
+        session. The compiled loop hands every frame it does not serve itself to this."""
+        if type(event) in _REQUEST_CLASSES:
+            self.stats.requests += 1
+            try:
+                self.reply(event, self.handle(event))  # type: ignore[arg-type]
+                if self._reload_pending or self._reopen_pending:
+                    self.act_on_signals()
+            except OSError as exc:
+                self.stats.end = f"write error: {exc.strerror}"
+                return False
+            return True
+        return self._rare_event(event)
 
     def _rare_event(self, event: p.Event) -> bool:
         """Everything but a request and NeedData: answer or record it; False ends the session."""

@@ -12,8 +12,9 @@ full=0
 say() { echo "setup: $*"; }
 [ "$(id -u)" = 0 ] || { echo "setup: run as root (the gateway chroots and keeps capabilities)" >&2; exit 1; }
 
-# Debian packages. libcap-dev and gcc build python-prctl; libseccomp2 is what pyseccomp loads.
-pkgs=(libcap-dev libseccomp2 gcc python3-venv python3-dev)
+# Debian packages. libcap-dev and gcc build python-prctl; libseccomp2 is what pyseccomp loads; gcc,
+# python3-dev and libssl-dev build the compiled data plane (gateway/fastloop.pyx, Cython 3 from PyPI).
+pkgs=(libcap-dev libseccomp2 gcc python3-venv python3-dev libssl-dev)
 if [ "$full" = 1 ]; then
     pkgs+=(qemu-system-common qemu-system-x86 busybox-static libc6-dev attr systemd)  # systemd: systemd-analyze
 fi
@@ -34,8 +35,8 @@ if [ ! -x .venv/bin/python ]; then
     say "creating .venv with $($python --version)"
     "$python" -m venv .venv
 fi
-if ! .venv/bin/python -c "import gateway, prctl, seccomp, cerberus, rich, ruamel.yaml, re2, pytest, hypothesis" 2>/dev/null \
-    || [ pyproject.toml -nt .venv/.installed ]; then
+if ! .venv/bin/python -c "import gateway, gateway.fastloop, prctl, seccomp, cerberus, rich, ruamel.yaml, re2, pytest, hypothesis" 2>/dev/null \
+    || [ pyproject.toml -nt .venv/.installed ] || [ gateway/fastloop.pyx -nt .venv/.installed ]; then
     say "installing the project into .venv"
     .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
     touch .venv/.installed

@@ -1,0 +1,916 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False, cdivision=True
+"""The compiled serve loop: socket -> frame -> resolve -> decide -> perform -> record -> reply in C for
+the requests a guest sends most (LSTAT, GETVERSION, STATFS: 96% of a metadata workload's requests),
+every other frame handed to the Python pipeline (gateway/server.py) through ``Server.serve_event``.
+
+One source of behaviour. The Python pipeline is the definition; this loop serves only the inputs on
+which its answer is already known to be the pipeline's, and hands over everything else:
+
+* a path of printable ASCII (no '"' or '\\': its JSON is itself), not empty, no '.' or '..' component,
+  no trailing slash, shorter than PATH_MAX;
+* a resolution with no symlink on the way (openat2 RESOLVE_NO_SYMLINKS succeeds, or stops at a missing
+  name or a non-directory, where the pipeline's ``heading`` is the normalised path too);
+* a decision that needs nothing but the op and the canonical path: decided by the Python engine itself
+  the first time (with a lookup that refuses to answer: a rule that needs the object sends the request
+  to the pipeline), then kept in a table keyed by (op, path) until the policy changes;
+* no id map, no rate limit, and a trail in its plain state (no notes pending, no syslog or console
+  copies): the record is composed here, byte for byte as the writer composes it, hashed with
+  OpenSSL's SHA-256 and written with one write(2) into room reserved beforehand.
+
+tests/test_fastloop.py holds the two side by side: every reply and every record of the compiled loop
+equals the pipeline's for the same requests on the same tree, and every input outside the list above
+is served by the pipeline. No Python object is built for a request served here (the table's keys and
+the record live in C buffers); a decision's first computation builds them once.
+
+The trail's state (seq, prev, size, reserved room, sync time) lives here while C serves, and is handed
+back to the writer (``_push``) before any Python code runs that could write a record, and taken again
+after (``_pull``).
+"""
+
+from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
+from libc.string cimport memcpy, memmove, memcmp, strlen
+from libc.stdlib cimport malloc, calloc, free
+from libc.errno cimport errno
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.exc cimport PyErr_CheckSignals
+
+import errno as _errno
+import logging
+import os
+
+from gateway import protocol as p
+from gateway.audit import writer as _writer
+from gateway.names import OP_NAMES, errno_name
+from gateway.rules import decide
+
+log = logging.getLogger("gateway.server")
+
+cdef extern from *:
+    """
+    #include <errno.h>
+    #include <fcntl.h>
+    #include <poll.h>
+    #include <stdint.h>
+    #include <stdio.h>
+    #include <string.h>
+    #include <time.h>
+    #include <unistd.h>
+    #include <sys/ioctl.h>
+    #include <sys/socket.h>
+    #include <sys/stat.h>
+    #include <sys/syscall.h>
+    #include <sys/vfs.h>
+    #include <linux/fs.h>
+    #include <linux/openat2.h>
+    #include <openssl/evp.h>
+
+    #define GW_RESOLVE_FAST (RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_SYMLINKS)
+
+    /* openat2 beneath the root, no symlink allowed on the way; EAGAIN (a rename racing the walk) is
+       retried as gateway/syscalls.py retries it. */
+    static int gw_openat2(int dirfd, const char *path, uint64_t flags) {
+        struct open_how how;
+        memset(&how, 0, sizeof how);
+        how.flags = flags | O_CLOEXEC;
+        how.resolve = GW_RESOLVE_FAST;
+        for (int i = 0; i < 16; i++) {
+            long fd = syscall(SYS_openat2, dirfd, path, &how, sizeof how);
+            if (fd >= 0 || errno != EAGAIN)
+                return (int) fd;
+        }
+        return -1;
+    }
+
+    static void gw_put64(unsigned char *out, uint64_t v) { memcpy(out, &v, 8); }
+    static void gw_put32(unsigned char *out, uint32_t v) { memcpy(out, &v, 4); }
+
+    /* The 116-byte LSTAT payload (protocol.stat_payload): little-endian, packed without padding. */
+    static void gw_stat_payload(const struct stat *st, unsigned char *out) {
+        gw_put64(out, (uint64_t) st->st_dev);
+        gw_put64(out + 8, (uint64_t) st->st_ino);
+        gw_put64(out + 16, (uint64_t) st->st_nlink);
+        gw_put32(out + 24, (uint32_t) st->st_mode);
+        gw_put32(out + 28, (uint32_t) st->st_uid);
+        gw_put32(out + 32, (uint32_t) st->st_gid);
+        gw_put64(out + 36, (uint64_t) st->st_rdev);
+        gw_put64(out + 44, (uint64_t) (int64_t) st->st_size);
+        gw_put64(out + 52, (uint64_t) (int64_t) st->st_blksize);
+        gw_put64(out + 60, (uint64_t) (int64_t) st->st_blocks);
+        gw_put64(out + 68, (uint64_t) (int64_t) st->st_atim.tv_sec);
+        gw_put64(out + 76, (uint64_t) st->st_atim.tv_nsec);
+        gw_put64(out + 84, (uint64_t) (int64_t) st->st_mtim.tv_sec);
+        gw_put64(out + 92, (uint64_t) st->st_mtim.tv_nsec);
+        gw_put64(out + 100, (uint64_t) (int64_t) st->st_ctim.tv_sec);
+        gw_put64(out + 108, (uint64_t) st->st_ctim.tv_nsec);
+    }
+
+    /* The 88-byte STATFS payload (Executor.statfs): f_fsid's two ints sign-extended, as the reference. */
+    static int gw_statfs_payload(int fd, unsigned char *out) {
+        struct statfs s;
+        if (fstatfs(fd, &s) < 0)
+            return -1;
+        uint64_t v[11] = {
+            (uint64_t) s.f_type, (uint64_t) s.f_bsize, (uint64_t) s.f_blocks, (uint64_t) s.f_bfree,
+            (uint64_t) s.f_bavail, (uint64_t) s.f_files, (uint64_t) s.f_ffree,
+            (uint64_t) (int64_t) s.f_fsid.__val[0], (uint64_t) (int64_t) s.f_fsid.__val[1],
+            (uint64_t) s.f_namelen, (uint64_t) s.f_frsize,
+        };
+        memcpy(out, v, sizeof v);
+        return 0;
+    }
+
+    static int gw_getversion(int fd, uint64_t *out) {
+        long v = 0;
+        if (ioctl(fd, FS_IOC_GETVERSION, &v) < 0)
+            return -1;
+        *out = (uint64_t) v;
+        return 0;
+    }
+
+    static const char gw_hexdigits[] = "0123456789abcdef";
+
+    static int gw_sha256_hex(const unsigned char *data, size_t n, char *hex) {
+        unsigned char md[32];
+        unsigned int len = 0;
+        if (!EVP_Digest(data, n, md, &len, EVP_sha256(), NULL) || len != 32)
+            return -1;
+        for (int i = 0; i < 32; i++) {
+            hex[2 * i] = gw_hexdigits[md[i] >> 4];
+            hex[2 * i + 1] = gw_hexdigits[md[i] & 15];
+        }
+        return 0;
+    }
+
+    static int64_t gw_mono_ns(void) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        return (int64_t) ts.tv_sec * 1000000000 + ts.tv_nsec;
+    }
+
+    static int64_t gw_real_us(void) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        return ((int64_t) ts.tv_sec * 1000000000 + ts.tv_nsec) / 1000;
+    }
+
+    /* "%Y-%m-%dT%H:%M:%S." of a second, as writer._now's strftime of gmtime. */
+    static int gw_time_prefix(int64_t sec, char *out, size_t cap) {
+        time_t t = (time_t) sec;
+        struct tm tm;
+        if (!gmtime_r(&t, &tm))
+            return -1;
+        return (int) strftime(out, cap, "%Y-%m-%dT%H:%M:%S.", &tm);
+    }
+
+    /* One decimal, as writer._number ("%.1f"); never NaN here. */
+    static int gw_us_text(int64_t ns, char *out, size_t cap) {
+        return snprintf(out, cap, "%.1f", (double) ns / 1000.0);
+    }
+
+    static int gw_lstat_at(int dirfd, const char *name, unsigned char *payload) {
+        struct stat st;
+        if (fstatat(dirfd, name, &st, AT_SYMLINK_NOFOLLOW) < 0)
+            return -1;
+        gw_stat_payload(&st, payload);
+        return 0;
+    }
+
+    /* The object's type check before GETVERSION opens it: a regular file or a directory, never a
+       FIFO or a device (Executor.getversion). 1: openable, 0: not, -1: fstat failed. */
+    static int gw_openable(int fd) {
+        struct stat st;
+        if (fstat(fd, &st) < 0)
+            return -1;
+        return S_ISREG(st.st_mode) || S_ISDIR(st.st_mode);
+    }
+
+    static uint64_t gw_fnv1a(const unsigned char *s, size_t n, uint64_t h) {
+        for (size_t i = 0; i < n; i++) {
+            h ^= s[i];
+            h *= 1099511628211ULL;
+        }
+        return h;
+    }
+    """
+    int gw_openat2(int dirfd, const char *path, uint64_t flags) nogil
+    void gw_put32(unsigned char *out, uint32_t v) nogil
+    void gw_put64(unsigned char *out, uint64_t v) nogil
+    int gw_statfs_payload(int fd, unsigned char *out) nogil
+    int gw_getversion(int fd, uint64_t *out) nogil
+    int gw_sha256_hex(const unsigned char *data, size_t n, char *hex) nogil
+    int64_t gw_mono_ns() nogil
+    int64_t gw_real_us() nogil
+    int gw_time_prefix(int64_t sec, char *out, size_t cap) nogil
+    int gw_us_text(int64_t ns, char *out, size_t cap) nogil
+    int gw_lstat_at(int dirfd, const char *name, unsigned char *payload) nogil
+    int gw_openable(int fd) nogil
+    uint64_t gw_fnv1a(const unsigned char *s, size_t n, uint64_t h) nogil
+    int O_PATH, O_CLOEXEC, O_DIRECTORY, O_RDONLY, O_NONBLOCK
+    int openat(int dirfd, const char *path, int flags) nogil
+    int close(int fd) nogil
+    ssize_t write(int fd, const void *buf, size_t n) nogil
+    ssize_t recv(int fd, void *buf, size_t n, int flags) nogil
+    ssize_t send(int fd, const void *buf, size_t n, int flags) nogil
+    int fdatasync(int fd) nogil
+    int snprintf(char *out, size_t cap, const char *fmt, ...) nogil
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd *fds, unsigned long n, int timeout) nogil
+    short POLLIN, POLLERR, POLLHUP, POLLNVAL
+    int EINTR, EAGAIN, ELOOP, ENOENT, ENOTDIR, ENXIO, EIO
+
+cdef enum:
+    RBUF = 262144             # the receive buffer: a frame is at most 8 + 65536 bytes
+    MAX_PAYLOAD = 65536       # protocol.MAX_PAYLOAD: a larger size field is fatal
+    LINE_CAP = 32768          # a record composed here: a path under PATH_MAX plus a bounded reason
+    PATH_MAX = 4096
+    SLOTS = 32768             # the decision table (a power of two); cleared when 3/4 full
+    MAX_ENTRIES = 4096        # distinct decisions kept (a policy has few; cleared when full)
+
+cdef enum:
+    T_LSTAT = 8
+    T_STATFS = 10
+    T_GETVERSION = 21
+    HANDED = 0                # not served here: the frame goes to the pipeline
+    SERVED = 1
+    END = 2                   # the session ends (a write error on the socket)
+
+cdef enum:
+    OUT_ALLOW = 0
+    OUT_WOULD_DENY = 1
+    OUT_DENY = 2
+
+cdef struct Slot:
+    uint64_t hash
+    char *key                 # op byte + canonical path; NULL: empty
+    uint32_t keylen
+    int entry
+
+cdef struct Entry:
+    int outcome
+    int err
+    const char *frag          # ,"decision":...,"rule":...,"reason":... (kept alive in _frags)
+    Py_ssize_t fraglen
+    Py_ssize_t weight         # what the reason adds to the record's reserved bound (2 * its length)
+
+
+class NeedsObject(Exception):
+    """Raised by the lookup a first decision gets: the rule deciding it needs the object, so the
+    decision is not one of (op, path) alone and the request is served by the pipeline."""
+
+
+def _no_lookup(_path: str) -> object:
+    raise NeedsObject
+
+
+_CLASSES = {T_LSTAT: p.Lstat, T_STATFS: p.Statfs, T_GETVERSION: p.Getversion}
+_OUTCOMES = {"allow": OUT_ALLOW, "would-deny": OUT_WOULD_DENY, "deny": OUT_DENY}
+_quote = _writer.quote
+
+
+def path_decision(policy: object, rtype: int, path: bytes) -> tuple[int, int, bytes, int] | None:
+    """The decision of a request of this type on this canonical path, as the record's decision
+    fragment; None when a rule in play needs the object (then only the pipeline can decide it)."""
+    try:
+        d = decide(_CLASSES[rtype](path), policy, _no_lookup)
+    except NeedsObject:
+        return None
+    frag = (
+        ',"decision":' + _quote(d.outcome)
+        + ',"rule":' + ("null" if d.rule is None else _quote(d.rule))
+        + ',"reason":' + _quote(d.reason)
+    )
+    return _OUTCOMES[d.outcome], d.errno, frag.encode("ascii"), 2 * len(d.reason)
+
+
+cdef inline int _err(int e) noexcept nogil:
+    return e if e else EIO
+
+
+cdef inline bint _plain_byte(unsigned char c) nogil:
+    # Printable ASCII but '"' and '\\': json's encode_basestring_ascii leaves it as it is.
+    return 0x20 <= c <= 0x7E and c != 0x22 and c != 0x5C
+
+
+cdef class CompiledLoop:
+    """Serves one connection (``Server.sock``) with ``Server``'s policy, executor fds and trail."""
+
+    cdef object server, decoder, writer, policy, stats
+    cdef int sock_fd, root_fd, proc_fd, wakeup_fd, trail_fd
+    cdef bint getversion_supported, fast_ok, record_ok, has_trail, compiled_requests
+    cdef bint owned               # the trail's state is C's (since _pull), not yet handed back
+    cdef unsigned char *rbuf
+    cdef Py_ssize_t rpos, rend
+    cdef char *line
+    cdef char canon[PATH_MAX + 2]
+    cdef Py_ssize_t canon_len, name_off, raw_off, raw_len
+    # the trail's state while C serves
+    cdef uint64_t seq
+    cdef char prev[65]
+    cdef int64_t size, reserved_end
+    cdef double last_sync, interval
+    cdef int sync_mode            # 0 never, 1 every, 2 interval
+    cdef bytes head
+    cdef int64_t tsec
+    cdef char tprefix[40]
+    cdef Py_ssize_t tprefix_len
+    cdef Py_ssize_t record_fixed, lifecycle_room, escaped
+    # counters handed to ServeStats
+    cdef uint64_t requests, denied
+    # the decision table
+    cdef Slot *slots
+    cdef Py_ssize_t used
+    cdef Entry *entries
+    cdef int n_entries
+    cdef list _frags
+    cdef dict _entry_of
+    cdef list op_frag             # per request type: '"op":"lstat","path":"'
+    cdef list result_text         # per errno below 256: '"ok"', '"ENOENT"', ...
+    # what this loop served and handed over (tests and the stop record read them)
+    cdef public uint64_t served, handed, decisions_computed
+
+    def __cinit__(self) -> None:
+        self.rbuf = <unsigned char *> malloc(RBUF)
+        self.line = <char *> malloc(LINE_CAP)
+        self.slots = <Slot *> calloc(SLOTS, sizeof(Slot))
+        self.entries = <Entry *> calloc(MAX_ENTRIES, sizeof(Entry))
+        if not self.rbuf or not self.line or not self.slots or not self.entries:
+            raise MemoryError()
+
+    def __dealloc__(self) -> None:
+        self._clear_table()
+        free(self.rbuf)
+        free(self.line)
+        free(self.slots)
+        free(self.entries)
+
+    def __init__(self, server: object, *, compiled_requests: bool = True) -> None:
+        self.server = server
+        self.compiled_requests = compiled_requests
+        self.decoder = server.decoder
+        self.stats = server.stats
+        self.sock_fd = server.sock.fileno()
+        self.root_fd = server.executor.root_fd
+        self.proc_fd = server.executor.proc_fd
+        self.getversion_supported = bool(server.executor.getversion_supported)
+        self.wakeup_fd = -1 if server.wakeup_fd is None else server.wakeup_fd
+        self.writer = server.audit
+        self.has_trail = self.writer is not None
+        self.rpos = self.rend = 0
+        self._frags = []
+        self._entry_of = {}
+        self.n_entries = 0
+        self.used = 0
+        self.tsec = -1
+        self.record_fixed = _writer._RECORD_FIXED
+        self.lifecycle_room = _writer.LIFECYCLE_ROOM
+        self.escaped = _writer._ESCAPED
+        self.op_frag = [b""] * 32
+        for t in (T_LSTAT, T_STATFS, T_GETVERSION):
+            self.op_frag[t] = ('"op":' + _quote(OP_NAMES[p.RequestType(t)]) + ',"path":"').encode("ascii")
+        self.result_text = [_quote(errno_name(c) if c else "ok").encode("ascii") for c in range(256)]
+        self.served = self.handed = self.decisions_computed = 0
+        self._pull()
+
+    # -- state shared with the Python pipeline -------------------------------------------------------
+
+    cdef int _pull(self) except -1:
+        """After Python code ran: the policy, the server's limits and the trail's state, taken again."""
+        server = self.server
+        if server.policy is not self.policy:
+            self.policy = server.policy
+            self._clear_table()
+        self.fast_ok = self.compiled_requests and server.ids is None and server.rate is None
+        self.record_ok = True
+        self.owned = True
+        if self.has_trail:
+            w = self.writer
+            self.record_ok = (
+                w._failed is None and w._fd >= 0 and not w._first_extra and not w.notes
+                and w._syslog is None and w._console is None
+            )
+            self.seq = w._seq
+            prev = w._prev.encode("ascii")
+            if len(prev) != 64:
+                raise ValueError("the trail's chain head is not a sha256")
+            memcpy(self.prev, PyBytes_AS_STRING(prev), 64)
+            self.prev[64] = 0
+            self.size = w._size
+            self.reserved_end = w._reserved_end
+            self.trail_fd = w._fd
+            self.interval = w.interval
+            self.last_sync = w._last_sync
+            self.sync_mode = {"never": 0, "every": 1, "interval": 2}[w._sync]
+            self.head = w._head.encode("ascii")
+        return 0
+
+    cdef int _push(self) except -1:
+        """Before Python code runs: the trail's state and the counters handed back. Only once per
+        _pull: after it, the writer's state is the one in force (Python may have written records)."""
+        if not self.owned:
+            return 0
+        self.owned = False
+        if self.has_trail:
+            w = self.writer
+            w._seq = self.seq
+            w._prev = PyBytes_FromStringAndSize(self.prev, 64).decode("ascii")
+            w._size = self.size
+            w._last_sync = self.last_sync
+        if self.requests or self.denied:
+            self.stats.requests += self.requests
+            self.stats.denied += self.denied
+            self.requests = self.denied = 0
+        return 0
+
+    # -- the decision table --------------------------------------------------------------------------
+
+    cdef void _clear_table(self) noexcept:
+        cdef Py_ssize_t i
+        if self.slots:
+            for i in range(SLOTS):
+                if self.slots[i].key:
+                    free(self.slots[i].key)
+                    self.slots[i].key = NULL
+        self.used = 0
+        self.n_entries = 0
+        if self._frags is not None:
+            self._frags.clear()
+            self._entry_of.clear()
+
+    cdef int _decision(self, int rtype) except -2:
+        """The entry deciding (rtype, canon): from the table, else computed once by the engine.
+        -1: a rule needs the object (the pipeline decides)."""
+        cdef unsigned char op = <unsigned char> rtype
+        cdef uint64_t h = gw_fnv1a(&op, 1, 14695981039346656037ULL)
+        h = gw_fnv1a(<unsigned char *> self.canon, self.canon_len, h)
+        cdef Py_ssize_t mask = SLOTS - 1
+        cdef Py_ssize_t i = <Py_ssize_t> (h & mask)
+        cdef Slot *s
+        cdef uint32_t keylen = <uint32_t> (self.canon_len + 1)
+        while True:
+            s = &self.slots[i]
+            if s.key == NULL:
+                break
+            if s.hash == h and s.keylen == keylen and <unsigned char> s.key[0] == op \
+                    and memcmp(s.key + 1, self.canon, self.canon_len) == 0:
+                return s.entry
+            i = (i + 1) & mask
+        # Not known: the engine decides, once.
+        self.decisions_computed += 1
+        got = path_decision(self.policy, rtype, PyBytes_FromStringAndSize(self.canon, self.canon_len))
+        if got is None:
+            return -1
+        outcome, err, frag, weight = got
+        idx = self._entry_of.get(frag)
+        if idx is None:
+            if self.n_entries >= MAX_ENTRIES or self.used >= SLOTS * 3 // 4:
+                self._clear_table()
+                return self._decision(rtype)
+            idx = self.n_entries
+            self.n_entries += 1
+            self._frags.append(frag)
+            self._entry_of[frag] = idx
+            self.entries[idx].outcome = outcome
+            self.entries[idx].err = err
+            self.entries[idx].frag = PyBytes_AS_STRING(frag)
+            self.entries[idx].fraglen = PyBytes_GET_SIZE(frag)
+            self.entries[idx].weight = weight
+        if self.used >= SLOTS * 3 // 4:
+            self._clear_table()
+            return self._decision(rtype)
+        s.key = <char *> malloc(keylen)
+        if s.key == NULL:
+            return <int> idx  # decided, just not kept
+        s.key[0] = <char> op
+        memcpy(s.key + 1, self.canon, self.canon_len)
+        s.hash = h
+        s.keylen = keylen
+        s.entry = <int> idx
+        self.used += 1
+        return <int> idx
+
+    # -- the loop ------------------------------------------------------------------------------------
+
+    def serve(self) -> object:
+        """Serve until the client goes away or the stream can no longer be framed (Server.serve's
+        contract); returns the server's ServeStats."""
+        cdef uint32_t rtype, size
+        cdef Py_ssize_t avail, frame
+        cdef ssize_t n
+        cdef int r
+        try:
+            while True:
+                avail = self.rend - self.rpos
+                if avail >= 8:
+                    memcpy(&rtype, self.rbuf + self.rpos, 4)
+                    memcpy(&size, self.rbuf + self.rpos + 4, 4)
+                    if size > MAX_PAYLOAD:
+                        # Fatal: the pipeline's decoder names it and the session ends.
+                        self._hand_over(self.rpos, avail)
+                        return self.stats
+                    frame = 8 + <Py_ssize_t> size
+                    if avail >= frame:
+                        r = HANDED
+                        if self.fast_ok and (rtype == T_LSTAT or rtype == T_GETVERSION or rtype == T_STATFS):
+                            r = self._serve_fast(rtype, self.rpos + 8, size)
+                        if r == END:
+                            self._push()
+                            return self.stats
+                        if r == SERVED:
+                            self.served += 1
+                            self.rpos += frame
+                        else:
+                            self.handed += 1
+                            self.rpos += frame
+                            if not self._hand_over(self.rpos - frame, frame):
+                                return self.stats
+                        if self.rpos == self.rend:
+                            self.rpos = self.rend = 0
+                        continue
+                # Need data: keep what is buffered at the front, wait, read.
+                if self.rpos:
+                    memmove(self.rbuf, self.rbuf + self.rpos, avail)
+                    self.rend = avail
+                    self.rpos = 0
+                if self.wakeup_fd >= 0 and not self._wait_for_data():
+                    return self.stats
+                n = recv(self.sock_fd, self.rbuf + self.rend, RBUF - self.rend, 0)
+                if n < 0:
+                    if errno == EINTR:
+                        self._signals()
+                        continue
+                    self._push()
+                    self.stats.end = f"read error: {os.strerror(errno)}"
+                    return self.stats
+                if n == 0:
+                    # EOF: what is left is a truncated frame (Fatal) or nothing (Closed).
+                    self._push()
+                    if self.rend:
+                        self.decoder.feed(PyBytes_FromStringAndSize(<char *> self.rbuf, self.rend))
+                        self.rend = 0
+                    self.decoder.feed(b"")
+                    self.server.serve_event(self.decoder.next_event())
+                    return self.stats
+                self.rend += n
+        finally:
+            self._push()
+
+    cdef bint _wait_for_data(self) except -1:
+        """Idle in poll on the socket and the signals' wakeup pipe (Server._wait_for_data)."""
+        cdef pollfd fds[2]
+        cdef int r
+        while True:
+            fds[0].fd = self.sock_fd
+            fds[0].events = POLLIN
+            fds[0].revents = 0
+            fds[1].fd = self.wakeup_fd
+            fds[1].events = POLLIN
+            fds[1].revents = 0
+            r = poll(fds, 2, -1)
+            if r < 0:
+                if errno == EINTR:
+                    self._signals()
+                    continue
+                self._push()
+                self.stats.end = f"read error: {os.strerror(errno)}"
+                return False
+            if fds[1].revents:
+                self._signals()
+            if fds[0].revents:
+                return True
+
+    cdef int _signals(self) except -1:
+        """Run the Python handlers of the signals that came, and act on them (between two requests)."""
+        if PyErr_CheckSignals() < 0:
+            return -1
+        self._push()
+        server = self.server
+        if self.wakeup_fd >= 0:
+            server._take_wakeup()
+        if server._reload_pending or server._reopen_pending:
+            server.act_on_signals()
+        self._pull()
+        return 0
+
+    cdef bint _hand_over(self, Py_ssize_t start, Py_ssize_t length) except -1:
+        """One frame (or the bytes that end the stream) served by the pipeline; False ends the session."""
+        self._push()
+        self.decoder.feed(PyBytes_FromStringAndSize(<char *> self.rbuf + start, length))
+        cont = self.server.serve_event(self.decoder.next_event())
+        self._pull()
+        return bool(cont)
+
+    # -- one request ---------------------------------------------------------------------------------
+
+    cdef int _canonical(self, Py_ssize_t start, uint32_t size) noexcept:
+        """The frame's path, checked and normalised into self.canon; 0 when the pipeline must serve it.
+        self.name_off: where the final component starts in canon (after its slash)."""
+        cdef unsigned char *buf = self.rbuf + start
+        cdef Py_ssize_t length, i, j, comp
+        cdef unsigned char c
+        if size < 2:
+            return 0
+        length = buf[0] | (buf[1] << 8)
+        if 2 + length > size:
+            return 0
+        buf += 2
+        for i in range(length):  # a NUL ends the path (QEMU sends one)
+            if buf[i] == 0:
+                length = i
+                break
+        if length == 0 or length >= PATH_MAX or buf[length - 1] == 0x2F:
+            return 0
+        j = 0
+        comp = -1
+        i = 0
+        while i < length:
+            c = buf[i]
+            if c == 0x2F:
+                i += 1
+                continue
+            # a component starts at i
+            if c == 0x2E and (i + 1 == length or buf[i + 1] == 0x2F or
+                              (buf[i + 1] == 0x2E and (i + 2 == length or buf[i + 2] == 0x2F))):
+                return 0  # '.' or '..'
+            self.canon[j] = 0x2F
+            j += 1
+            comp = j
+            while i < length and buf[i] != 0x2F:
+                c = buf[i]
+                if not _plain_byte(c):
+                    return 0
+                self.canon[j] = <char> c
+                j += 1
+                i += 1
+        if comp < 0:
+            return 0  # only slashes: the root
+        self.canon[j] = 0
+        self.canon_len = j
+        self.name_off = comp
+        self.raw_off = start + 2
+        self.raw_len = length
+        return 1
+
+    cdef int _serve_fast(self, uint32_t rtype, Py_ssize_t start, uint32_t size) except -1:
+        cdef int64_t t0 = gw_mono_ns()
+        cdef int dirfd = -1, fd = -1, err = 0, e, idx
+        cdef Py_ssize_t need
+        cdef unsigned char reply[8 + 116]
+        cdef Py_ssize_t payload_len = 0
+        cdef uint64_t version
+        cdef Entry *entry
+        if not self._canonical(start, size):
+            return HANDED
+        if self.has_trail and not self.record_ok:
+            return HANDED
+        # Resolve once.
+        if rtype == T_LSTAT:
+            # Form.NOFOLLOW, stat only: the parent resolved, the name lstat'ed in it.
+            if self.name_off == 1:
+                dirfd = self.root_fd
+            else:
+                self.canon[self.name_off - 1] = 0
+                dirfd = gw_openat2(self.root_fd, self.canon, O_PATH | O_DIRECTORY)
+                e = errno
+                self.canon[self.name_off - 1] = 0x2F
+                if dirfd < 0:
+                    if e == ENOENT or e == ENOTDIR:
+                        err = e  # heading: the normalised path itself (no symlink before the stop)
+                    else:
+                        return HANDED
+            if not err:
+                if gw_lstat_at(dirfd, self.canon + self.name_off, reply + 8) < 0:
+                    err = _err(errno)
+                else:
+                    payload_len = 116
+                if dirfd != self.root_fd:
+                    close(dirfd)
+        else:
+            # Form.FOLLOW: what the whole path leads to.
+            fd = gw_openat2(self.root_fd, self.canon, O_PATH)
+            if fd < 0:
+                e = errno
+                if e == ENOENT or e == ENOTDIR:
+                    err = e
+                else:
+                    return HANDED
+        # Decide.
+        idx = self._decision(rtype)
+        if idx < 0:
+            if fd >= 0:
+                close(fd)
+            return HANDED
+        entry = &self.entries[idx]
+        # Room for the record, before anything is performed (the writer's reserve()).
+        if self.has_trail:
+            need = (self.record_fixed + 2 * PyBytes_GET_SIZE(self.head)
+                    + self.escaped * (self.raw_len + entry.weight + self.canon_len) + self.lifecycle_room)
+            if self.size + need > self.reserved_end:
+                if fd >= 0:
+                    close(fd)
+                return HANDED  # the pipeline reserves (fallocate) or refuses
+        # Perform.
+        if entry.outcome == OUT_DENY:
+            err = entry.err
+            payload_len = 0
+            self.denied += 1
+        elif not err:
+            if rtype == T_STATFS:
+                if gw_statfs_payload(fd, reply + 8) < 0:
+                    err = _err(errno)
+                else:
+                    payload_len = 88
+            elif rtype == T_GETVERSION:
+                if not self.getversion_supported:
+                    version = 0
+                    gw_put64(reply + 8, 0)
+                    payload_len = 8
+                else:
+                    if gw_openable(fd) <= 0:  # not openable, or no attributes: Executor says ENXIO
+                        err = ENXIO
+                    else:
+                        err = self._getversion(fd, reply + 8)
+                        if not err:
+                            payload_len = 8
+        elif rtype == T_GETVERSION and not self.getversion_supported:
+            # As the reference and Executor.getversion: 0 without looking at the path.
+            err = 0
+            gw_put64(reply + 8, 0)
+            payload_len = 8
+        if fd >= 0:
+            close(fd)
+        if err:
+            payload_len = 0
+        self.requests += 1
+        # Record, before the reply.
+        if self.has_trail:
+            if self._record(rtype, entry, err, t0) < 0:
+                err = EIO
+                payload_len = 0
+        # Reply.
+        if err:
+            gw_put32(reply, 1)
+            gw_put32(reply + 4, 4)
+            gw_put32(reply + 8, <uint32_t> (-err))
+            payload_len = 4
+        else:
+            gw_put32(reply, 0)
+            gw_put32(reply + 4, <uint32_t> payload_len)
+        if not self._send_all(reply, 8 + payload_len):
+            return END
+        return SERVED
+
+    cdef int _getversion(self, int fd, unsigned char *out) noexcept:
+        """FS_IOC_GETVERSION on the object, reopened through /proc/self/fd (O_PATH fds take no ioctl)."""
+        cdef char name[24]
+        cdef uint64_t version = 0
+        cdef int rfd, err = 0
+        snprintf(name, sizeof(name), "%d", fd)
+        rfd = openat(self.proc_fd, name, O_RDONLY | O_NONBLOCK | O_CLOEXEC)
+        if rfd < 0:
+            return _err(errno)
+        if gw_getversion(rfd, &version) < 0:
+            err = _err(errno)
+        close(rfd)
+        if not err:
+            gw_put64(out, version)
+        return err
+
+    cdef bint _send_all(self, const unsigned char *data, Py_ssize_t n) except -1:
+        cdef ssize_t k
+        while n > 0:
+            k = send(self.sock_fd, data, n, 0)
+            if k < 0:
+                if errno == EINTR:
+                    continue
+                self.stats.end = f"write error: {os.strerror(errno)}"
+                return False
+            data += k
+            n -= k
+        return True
+
+    cdef int _record(self, uint32_t rtype, Entry *entry, int err, int64_t t0) except -2:
+        """The request's record, composed as AuditWriter.request composes it, hashed, written.
+        -1: not written (the writer has failed and says why); the reply is then EIO."""
+        cdef char *o = self.line
+        cdef Py_ssize_t k
+        cdef int64_t us = gw_real_us()
+        cdef int64_t sec = us // 1000000
+        cdef bytes head = self.head
+        cdef bytes opf = self.op_frag[rtype]
+        cdef bytes res = self.result_text[err if 0 <= err < 256 else 0]
+        cdef ssize_t written
+        if err >= 256:
+            res = _quote(errno_name(err)).encode("ascii")
+        if sec != self.tsec:
+            self.tsec = sec
+            self.tprefix_len = gw_time_prefix(sec, self.tprefix, sizeof(self.tprefix))
+        k = snprintf(o, 64, '{"seq":%llu,"time":"', <unsigned long long> self.seq)
+        o += k
+        memcpy(o, self.tprefix, self.tprefix_len)
+        o += self.tprefix_len
+        k = snprintf(o, 16, '%06lld', <long long> (us % 1000000))
+        o += k
+        memcpy(o, 'Z"', 2)
+        o += 2
+        memcpy(o, PyBytes_AS_STRING(head), PyBytes_GET_SIZE(head))
+        o += PyBytes_GET_SIZE(head)
+        memcpy(o, ',"event":"request",', 19)
+        o += 19
+        memcpy(o, PyBytes_AS_STRING(opf), PyBytes_GET_SIZE(opf))
+        o += PyBytes_GET_SIZE(opf)
+        memcpy(o, self.rbuf + self.raw_off, self.raw_len)
+        o += self.raw_len
+        o[0] = 0x22
+        o += 1
+        memcpy(o, entry.frag, entry.fraglen)
+        o += entry.fraglen
+        memcpy(o, ',"result":', 10)
+        o += 10
+        memcpy(o, PyBytes_AS_STRING(res), PyBytes_GET_SIZE(res))
+        o += PyBytes_GET_SIZE(res)
+        memcpy(o, ',"us":', 6)
+        o += 6
+        o += gw_us_text(gw_mono_ns() - t0, o, 32)
+        if self.raw_len != self.canon_len or memcmp(self.rbuf + self.raw_off, self.canon, self.canon_len):
+            memcpy(o, ',"resolved":"', 13)
+            o += 13
+            memcpy(o, self.canon, self.canon_len)
+            o += self.canon_len
+            o[0] = 0x22
+            o += 1
+        memcpy(o, ',"prev":"', 9)
+        o += 9
+        memcpy(o, self.prev, 64)
+        o += 64
+        o[0] = 0x22
+        o[1] = 0x7D  # }
+        cdef Py_ssize_t line_len = (o - self.line) + 2
+        o[2] = 0x0A
+        if self.size + line_len + 1 + self.lifecycle_room > self.reserved_end:
+            # Never met (reserve's bound is above every record's length), but the writer's own rule
+            # holds: no write is started that allocated room does not cover.
+            self._push()
+            try:
+                self.writer._ensure_room(line_len + 1 + self.lifecycle_room)
+            except OSError as exc:
+                self._pull()
+                log.error("audit record not written (%s): answering EIO", exc)
+                return -1
+            self._pull()
+        written = write(self.trail_fd, self.line, line_len + 1)
+        if written < 0:
+            return self._record_failed(errno, None)
+        self.size += written
+        if written != line_len + 1:
+            # A short write (not for space: it was reserved): the writer finishes it, or fails.
+            self._push()
+            try:
+                self.writer._write_all(PyBytes_FromStringAndSize(self.line, line_len + 1), written)
+            except OSError as exc:
+                self._pull()
+                log.error("audit record not written (%s): answering EIO", exc)
+                return -1
+            self._pull()
+        if gw_sha256_hex(<unsigned char *> self.line, line_len, self.prev) < 0:
+            return self._record_failed(EIO, "sha256 failed")
+        self.seq += 1
+        if self.sync_mode:
+            return self._sync()
+        return 0
+
+    cdef int _sync(self) except -2:
+        cdef double mono = gw_mono_ns() / 1e9
+        if self.sync_mode == 1 or mono - self.last_sync >= self.interval:
+            if fdatasync(self.trail_fd) < 0:
+                e = errno
+                self._push()
+                why = f"audit sync of {self.writer.path} failed: {os.strerror(e)}"
+                self.writer._fail(why)
+                self._pull()
+                log.error("audit record not written ([Errno %d] %s): answering EIO", e, why)
+                return -1
+            self.last_sync = mono
+        return 0
+
+    cdef int _record_failed(self, int e, object why) except -2:
+        """The record's write failed before any byte reached the file: the writer latches (as its own
+        request() does), the reply is EIO."""
+        self._push()
+        if why is None:
+            why = f"audit write to {self.writer.path} failed: {os.strerror(e)}"
+        self.writer._fail(why)
+        self._pull()
+        log.error("audit record not written ([Errno %d] %s): answering EIO", e, why)
+        return -1
+
+
+def build_info() -> dict[str, str]:
+    """Which build of the data plane is serving, for the start record: this module is only ever a C
+    extension (there is no interpreted twin), so a start record without it was not served by it."""
+    import gateway.fastloop as me
+
+    return {"build": "compiled" if not me.__file__.endswith((".py", ".pyx")) else "interpreted",
+            "module": os.path.basename(me.__file__)}
