@@ -72,6 +72,7 @@ class Server:
         self._reload_pending = False
         self._reopen_pending = False
         self.wakeup_fd: int | None = None  # signals.install()'s pipe: wakes the idle loop for them
+        self.loop: CompiledLoop | None = None  # the loop serving (its counters: served, handed)
 
     def set_policy(self, policy: Policy) -> None:
         """Swap the policy in force (called between two requests), with its id map and limits."""
@@ -262,7 +263,8 @@ class Server:
         anything the peer sends. The loop is the compiled one (gateway/fastloop.pyx): it serves the
         common requests itself and hands every other frame to serve_event. ``compiled_requests=False``
         hands it every frame (the tests' way of holding the two side by side)."""
-        return CompiledLoop(self, compiled_requests=compiled_requests).serve()  # type: ignore[no-any-return]
+        self.loop = CompiledLoop(self, compiled_requests=compiled_requests)
+        return self.loop.serve()  # type: ignore[no-any-return]
 
     def serve_event(self, event: p.Event) -> bool:
         """One decoded event (a request or a rare one): handled, recorded and answered; False ends the
