@@ -7,9 +7,7 @@ on Debian: the record's SHA-256 is OpenSSL's); scripts/setup.sh installs them.
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-setup(
-    ext_modules=cythonize(
-        [Extension("gateway.fastloop", ["gateway/fastloop.pyx"], libraries=["crypto"])],
-        compiler_directives={"language_level": "3"},
-    )
+fastloop = Extension(
+    "gateway.fastloop", ["gateway/fastloop.pyx"], include_dirs=["gateway"], libraries=["crypto"]
 )
+setup(ext_modules=cythonize([fastloop], compiler_directives={"language_level": "3"}))

@@ -1,7 +1,8 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False, cdivision=True
 """The compiled serve loop: socket -> frame -> resolve -> decide -> perform -> record -> reply in C for
-the requests a guest sends most (LSTAT, GETVERSION, STATFS: 96% of a metadata workload's requests),
-every other frame handed to the Python pipeline (gateway/server.py) through ``Server.serve_event``.
+the requests a guest sends most -- LSTAT, GETVERSION, STATFS, READLINK, OPEN, CREATE, CHMOD, UTIME and
+REMOVE, all but a few percent of a guest's requests -- and every other frame handed to the Python
+pipeline (gateway/server.py) through ``Server.serve_event``. The system calls are in fastloop_c.h.
 
 One source of behaviour. The Python pipeline is the definition; this loop serves only the inputs on
 which its answer is already known to be the pipeline's, and hands over everything else:
@@ -10,9 +11,13 @@ which its answer is already known to be the pipeline's, and hands over everythin
   no trailing slash, shorter than PATH_MAX;
 * a resolution with no symlink on the way (openat2 RESOLVE_NO_SYMLINKS succeeds, or stops at a missing
   name or a non-directory, where the pipeline's ``heading`` is the normalised path too);
-* a decision that needs nothing but the op and the canonical path: decided by the Python engine itself
-  the first time (with a lookup that refuses to answer: a rule that needs the object sends the request
-  to the pipeline), then kept in a table keyed by (op, path) until the policy changes;
+* a decision that needs nothing but the request itself: decided by the Python engine the first time
+  (with a lookup that refuses to answer: a rule that needs the object sends the request to the
+  pipeline; for a CREATE of a name that is not there, the lookup answers "no object", as the
+  pipeline's does), then kept in a table keyed by (op, the request's fixed fields, canonical path)
+  until the policy changes;
+* the common forms: OPEN without O_CREAT or O_NOFOLLOW, CREATE of a name that does not exist (with
+  O_CREAT, ids that are not -1, no O_DIRECTORY or O_TMPFILE);
 * no id map, no rate limit, and a trail in its plain state (no notes pending, no syslog or console
   copies): the record is composed here, byte for byte as the writer composes it, hashed with
   OpenSSL's SHA-256 and written with one write(2) into room reserved beforehand.
@@ -27,7 +32,7 @@ back to the writer (``_push``) before any Python code runs that could write a re
 after (``_pull``).
 """
 
-from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
+from libc.stdint cimport uint16_t, uint32_t, uint64_t, int64_t
 from libc.string cimport memcpy, memmove, memcmp, strlen
 from libc.stdlib cimport malloc, calloc, free
 from libc.errno cimport errno
@@ -37,201 +42,85 @@ from cpython.exc cimport PyErr_CheckSignals
 import errno as _errno
 import logging
 import os
+import struct
 
 from gateway import protocol as p
 from gateway.audit import writer as _writer
+from gateway.audit.fields import request_fragment
+from gateway.core import executor as _executor
 from gateway.names import OP_NAMES, errno_name
 from gateway.rules import decide
 
 log = logging.getLogger("gateway.server")
 
-cdef extern from *:
-    """
-    #include <errno.h>
-    #include <fcntl.h>
-    #include <poll.h>
-    #include <stdint.h>
-    #include <stdio.h>
-    #include <string.h>
-    #include <time.h>
-    #include <unistd.h>
-    #include <sys/ioctl.h>
-    #include <sys/socket.h>
-    #include <sys/stat.h>
-    #include <sys/syscall.h>
-    #include <sys/vfs.h>
-    #include <linux/fs.h>
-    #include <linux/openat2.h>
-    #include <openssl/evp.h>
-
-    #define GW_RESOLVE_FAST (RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_SYMLINKS)
-
-    /* openat2 beneath the root, no symlink allowed on the way; EAGAIN (a rename racing the walk) is
-       retried as gateway/syscalls.py retries it. */
-    static int gw_openat2(int dirfd, const char *path, uint64_t flags) {
-        struct open_how how;
-        memset(&how, 0, sizeof how);
-        how.flags = flags | O_CLOEXEC;
-        how.resolve = GW_RESOLVE_FAST;
-        for (int i = 0; i < 16; i++) {
-            long fd = syscall(SYS_openat2, dirfd, path, &how, sizeof how);
-            if (fd >= 0 || errno != EAGAIN)
-                return (int) fd;
-        }
-        return -1;
-    }
-
-    static void gw_put64(unsigned char *out, uint64_t v) { memcpy(out, &v, 8); }
-    static void gw_put32(unsigned char *out, uint32_t v) { memcpy(out, &v, 4); }
-
-    /* The 116-byte LSTAT payload (protocol.stat_payload): little-endian, packed without padding. */
-    static void gw_stat_payload(const struct stat *st, unsigned char *out) {
-        gw_put64(out, (uint64_t) st->st_dev);
-        gw_put64(out + 8, (uint64_t) st->st_ino);
-        gw_put64(out + 16, (uint64_t) st->st_nlink);
-        gw_put32(out + 24, (uint32_t) st->st_mode);
-        gw_put32(out + 28, (uint32_t) st->st_uid);
-        gw_put32(out + 32, (uint32_t) st->st_gid);
-        gw_put64(out + 36, (uint64_t) st->st_rdev);
-        gw_put64(out + 44, (uint64_t) (int64_t) st->st_size);
-        gw_put64(out + 52, (uint64_t) (int64_t) st->st_blksize);
-        gw_put64(out + 60, (uint64_t) (int64_t) st->st_blocks);
-        gw_put64(out + 68, (uint64_t) (int64_t) st->st_atim.tv_sec);
-        gw_put64(out + 76, (uint64_t) st->st_atim.tv_nsec);
-        gw_put64(out + 84, (uint64_t) (int64_t) st->st_mtim.tv_sec);
-        gw_put64(out + 92, (uint64_t) st->st_mtim.tv_nsec);
-        gw_put64(out + 100, (uint64_t) (int64_t) st->st_ctim.tv_sec);
-        gw_put64(out + 108, (uint64_t) st->st_ctim.tv_nsec);
-    }
-
-    /* The 88-byte STATFS payload (Executor.statfs): f_fsid's two ints sign-extended, as the reference. */
-    static int gw_statfs_payload(int fd, unsigned char *out) {
-        struct statfs s;
-        if (fstatfs(fd, &s) < 0)
-            return -1;
-        uint64_t v[11] = {
-            (uint64_t) s.f_type, (uint64_t) s.f_bsize, (uint64_t) s.f_blocks, (uint64_t) s.f_bfree,
-            (uint64_t) s.f_bavail, (uint64_t) s.f_files, (uint64_t) s.f_ffree,
-            (uint64_t) (int64_t) s.f_fsid.__val[0], (uint64_t) (int64_t) s.f_fsid.__val[1],
-            (uint64_t) s.f_namelen, (uint64_t) s.f_frsize,
-        };
-        memcpy(out, v, sizeof v);
-        return 0;
-    }
-
-    static int gw_getversion(int fd, uint64_t *out) {
-        long v = 0;
-        if (ioctl(fd, FS_IOC_GETVERSION, &v) < 0)
-            return -1;
-        *out = (uint64_t) v;
-        return 0;
-    }
-
-    static const char gw_hexdigits[] = "0123456789abcdef";
-
-    static int gw_sha256_hex(const unsigned char *data, size_t n, char *hex) {
-        unsigned char md[32];
-        unsigned int len = 0;
-        if (!EVP_Digest(data, n, md, &len, EVP_sha256(), NULL) || len != 32)
-            return -1;
-        for (int i = 0; i < 32; i++) {
-            hex[2 * i] = gw_hexdigits[md[i] >> 4];
-            hex[2 * i + 1] = gw_hexdigits[md[i] & 15];
-        }
-        return 0;
-    }
-
-    static int64_t gw_mono_ns(void) {
-        struct timespec ts;
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        return (int64_t) ts.tv_sec * 1000000000 + ts.tv_nsec;
-    }
-
-    static int64_t gw_real_us(void) {
-        struct timespec ts;
-        clock_gettime(CLOCK_REALTIME, &ts);
-        return ((int64_t) ts.tv_sec * 1000000000 + ts.tv_nsec) / 1000;
-    }
-
-    /* "%Y-%m-%dT%H:%M:%S." of a second, as writer._now's strftime of gmtime. */
-    static int gw_time_prefix(int64_t sec, char *out, size_t cap) {
-        time_t t = (time_t) sec;
-        struct tm tm;
-        if (!gmtime_r(&t, &tm))
-            return -1;
-        return (int) strftime(out, cap, "%Y-%m-%dT%H:%M:%S.", &tm);
-    }
-
-    /* One decimal, as writer._number ("%.1f"); never NaN here. */
-    static int gw_us_text(int64_t ns, char *out, size_t cap) {
-        return snprintf(out, cap, "%.1f", (double) ns / 1000.0);
-    }
-
-    static int gw_lstat_at(int dirfd, const char *name, unsigned char *payload) {
-        struct stat st;
-        if (fstatat(dirfd, name, &st, AT_SYMLINK_NOFOLLOW) < 0)
-            return -1;
-        gw_stat_payload(&st, payload);
-        return 0;
-    }
-
-    /* The object's type check before GETVERSION opens it: a regular file or a directory, never a
-       FIFO or a device (Executor.getversion). 1: openable, 0: not, -1: fstat failed. */
-    static int gw_openable(int fd) {
-        struct stat st;
-        if (fstat(fd, &st) < 0)
-            return -1;
-        return S_ISREG(st.st_mode) || S_ISDIR(st.st_mode);
-    }
-
-    static uint64_t gw_fnv1a(const unsigned char *s, size_t n, uint64_t h) {
-        for (size_t i = 0; i < n; i++) {
-            h ^= s[i];
-            h *= 1099511628211ULL;
-        }
-        return h;
-    }
-    """
-    int gw_openat2(int dirfd, const char *path, uint64_t flags) nogil
-    void gw_put32(unsigned char *out, uint32_t v) nogil
-    void gw_put64(unsigned char *out, uint64_t v) nogil
-    int gw_statfs_payload(int fd, unsigned char *out) nogil
-    int gw_getversion(int fd, uint64_t *out) nogil
-    int gw_sha256_hex(const unsigned char *data, size_t n, char *hex) nogil
-    int64_t gw_mono_ns() nogil
-    int64_t gw_real_us() nogil
-    int gw_time_prefix(int64_t sec, char *out, size_t cap) nogil
-    int gw_us_text(int64_t ns, char *out, size_t cap) nogil
-    int gw_lstat_at(int dirfd, const char *name, unsigned char *payload) nogil
-    int gw_openable(int fd) nogil
-    uint64_t gw_fnv1a(const unsigned char *s, size_t n, uint64_t h) nogil
-    int O_PATH, O_CLOEXEC, O_DIRECTORY, O_RDONLY, O_NONBLOCK
-    int openat(int dirfd, const char *path, int flags) nogil
-    int close(int fd) nogil
-    ssize_t write(int fd, const void *buf, size_t n) nogil
-    ssize_t recv(int fd, void *buf, size_t n, int flags) nogil
-    ssize_t send(int fd, const void *buf, size_t n, int flags) nogil
-    int fdatasync(int fd) nogil
-    int snprintf(char *out, size_t cap, const char *fmt, ...) nogil
+cdef extern from "fastloop_c.h" nogil:
+    struct gw_fsids:
+        int have_caps
+    int gw_openat2(int dirfd, const char *path, uint64_t flags)
+    void gw_put16(unsigned char *out, uint16_t v)
+    void gw_put32(unsigned char *out, uint32_t v)
+    void gw_put64(unsigned char *out, uint64_t v)
+    uint32_t gw_get32(const unsigned char *data)
+    int gw_lstat_at(int dirfd, const char *name, unsigned char *payload)
+    int gw_statfs_payload(int fd, unsigned char *out)
+    int gw_fd_type(int fd)
+    int gw_openable_type(int type)
+    int gw_reopen(int proc_fd, int fd, int flags)
+    int gw_getversion(int proc_fd, int fd, uint64_t *out)
+    int gw_chmod_fd(int proc_fd, int fd, unsigned int mode)
+    int gw_utime_fd(int proc_fd, int fd, const unsigned char *times)
+    int gw_remove_at(int dirfd, const char *name)
+    int gw_fsids_enter(gw_fsids *f, uint32_t uid, uint32_t gid, uint32_t euid, uint32_t egid)
+    void gw_fsids_exit(gw_fsids *f, uint32_t euid, uint32_t egid)
+    int gw_create_at(int dirfd, const char *name, int flags, unsigned int mode)
+    ssize_t gw_send_fd(int sock, int fd)
+    int gw_sha256_hex(const unsigned char *data, size_t n, char *hex)
+    int64_t gw_mono_ns()
+    int64_t gw_real_us()
+    int gw_time_prefix(int64_t sec, char *out, size_t cap)
+    int gw_us_text(int64_t ns, char *out, size_t cap)
+    uint64_t gw_fnv1a(const unsigned char *s, size_t n, uint64_t h)
+    int O_PATH, O_CLOEXEC, O_DIRECTORY, O_RDONLY, O_NONBLOCK, O_NOFOLLOW, O_CREAT, O_EXCL, O_NOCTTY
+    int O_TMPFILE, S_IFDIR, S_IFLNK, AT_SYMLINK_NOFOLLOW
+    int openat(int dirfd, const char *path, int flags)
+    int close(int fd)
+    int fstatat(int dirfd, const char *name, void *st, int flags)
+    ssize_t readlinkat(int dirfd, const char *name, char *buf, size_t n)
+    uint32_t geteuid()
+    uint32_t getegid()
+    ssize_t write(int fd, const void *buf, size_t n)
+    ssize_t recv(int fd, void *buf, size_t n, int flags)
+    ssize_t send(int fd, const void *buf, size_t n, int flags)
+    int fdatasync(int fd)
+    int snprintf(char *out, size_t cap, const char *fmt, ...)
     struct pollfd:
         int fd
         short events
         short revents
-    int poll(pollfd *fds, unsigned long n, int timeout) nogil
-    short POLLIN, POLLERR, POLLHUP, POLLNVAL
-    int EINTR, EAGAIN, ELOOP, ENOENT, ENOTDIR, ENXIO, EIO
+    int poll(pollfd *fds, unsigned long n, int timeout)
+    short POLLIN
+    int EINTR, ENOENT, ENOTDIR, ENXIO, EIO, EINVAL, ETOOMANYREFS
+    struct stat_buf "stat":
+        pass
 
 cdef enum:
     RBUF = 262144             # the receive buffer: a frame is at most 8 + 65536 bytes
     MAX_PAYLOAD = 65536       # protocol.MAX_PAYLOAD: a larger size field is fatal
-    LINE_CAP = 32768          # a record composed here: a path under PATH_MAX plus a bounded reason
+    LINE_CAP = 32768          # a record composed here: a path under PATH_MAX plus bounded texts
     PATH_MAX = 4096
     SLOTS = 32768             # the decision table (a power of two); cleared when 3/4 full
-    MAX_ENTRIES = 4096        # distinct decisions kept (a policy has few; cleared when full)
+    MAX_ENTRIES = 4096        # distinct (fields, decision) fragments kept; cleared when full
+    KEY_MAX = 1 + 32 + PATH_MAX
 
 cdef enum:
+    T_OPEN = 2
+    T_CREATE = 3
     T_LSTAT = 8
+    T_READLINK = 9
     T_STATFS = 10
+    T_CHMOD = 11
+    T_UTIME = 14
+    T_REMOVE = 16
     T_GETVERSION = 21
     HANDED = 0                # not served here: the frame goes to the pipeline
     SERVED = 1
@@ -242,43 +131,66 @@ cdef enum:
     OUT_WOULD_DENY = 1
     OUT_DENY = 2
 
+cdef enum:
+    SHAPE_PAYLOAD = 0
+    SHAPE_STATUS = 1
+    SHAPE_FD = 2
+
 cdef struct Slot:
     uint64_t hash
-    char *key                 # op byte + canonical path; NULL: empty
+    char *key                 # op byte + the request's fixed fields + canonical path; NULL: empty
     uint32_t keylen
     int entry
 
 cdef struct Entry:
     int outcome
     int err
-    const char *frag          # ,"decision":...,"rule":...,"reason":... (kept alive in _frags)
+    const char *frag          # the request's fields after its path, then ,"decision":..,"rule":..,"reason":..
     Py_ssize_t fraglen
     Py_ssize_t weight         # what the reason adds to the record's reserved bound (2 * its length)
 
 
 class NeedsObject(Exception):
     """Raised by the lookup a first decision gets: the rule deciding it needs the object, so the
-    decision is not one of (op, path) alone and the request is served by the pipeline."""
+    decision is not one of the request alone and the request is served by the pipeline."""
 
 
 def _no_lookup(_path: str) -> object:
     raise NeedsObject
 
 
-_CLASSES = {T_LSTAT: p.Lstat, T_STATFS: p.Statfs, T_GETVERSION: p.Getversion}
+def _absent(_path: str) -> object:
+    return None  # a CREATE served here names nothing that exists (checked before deciding)
+
+
+# Per request type served here: its class, the struct of its fixed fields after the path (the frame's
+# order, protocol.LAYOUTS) and their size.
+_SERVED = (T_OPEN, T_CREATE, T_LSTAT, T_READLINK, T_STATFS, T_CHMOD, T_UTIME, T_REMOVE, T_GETVERSION)
+_CLASSES: dict[int, tuple[type, struct.Struct]] = {}
+for _t in _SERVED:
+    _cls, _codes = p.LAYOUTS[p.RequestType(_t)]
+    assert _codes[0] == "p" and "p" not in _codes[1:] and "s" not in _codes[1:]
+    _CLASSES[_t] = (_cls, struct.Struct("<" + "".join({"d": "i", "u": "I", "q": "Q"}[c] for c in _codes[1:])))
 _OUTCOMES = {"allow": OUT_ALLOW, "would-deny": OUT_WOULD_DENY, "deny": OUT_DENY}
 _quote = _writer.quote
 
 
-def path_decision(policy: object, rtype: int, path: bytes) -> tuple[int, int, bytes, int] | None:
-    """The decision of a request of this type on this canonical path, as the record's decision
-    fragment; None when a rule in play needs the object (then only the pipeline can decide it)."""
+def request_decision(policy: object, rtype: int, path: bytes, fields: bytes) -> tuple[int, int, bytes, int] | None:
+    """The decision of a request of this type on this canonical path with these fixed fields (the
+    frame's bytes after the path), with the record's fragment from the fields after the path through
+    the reason; None when a rule in play needs the object (then only the pipeline decides it)."""
+    cls, tail = _CLASSES[rtype]
+    values = tail.unpack(fields)
     try:
-        d = decide(_CLASSES[rtype](path), policy, _no_lookup)
+        d = decide(cls(path, *values), policy, _absent if rtype == T_CREATE else _no_lookup)
     except NeedsObject:
         return None
+    prefix = '"op":' + _quote(OP_NAMES[p.RequestType(rtype)]) + ',"path":""'
+    fragment = request_fragment(cls(b"", *values))
+    assert fragment.startswith(prefix)
     frag = (
-        ',"decision":' + _quote(d.outcome)
+        fragment[len(prefix):]
+        + ',"decision":' + _quote(d.outcome)
         + ',"rule":' + ("null" if d.rule is None else _quote(d.rule))
         + ',"reason":' + _quote(d.reason)
     )
@@ -289,9 +201,32 @@ cdef inline int _err(int e) noexcept nogil:
     return e if e else EIO
 
 
-cdef inline bint _plain_byte(unsigned char c) nogil:
+cdef inline bint _plain_byte(unsigned char c) noexcept nogil:
     # Printable ASCII but '"' and '\\': json's encode_basestring_ascii leaves it as it is.
     return 0x20 <= c <= 0x7E and c != 0x22 and c != 0x5C
+
+
+cdef int _tail_size(uint32_t rtype) noexcept nogil:
+    if rtype == T_CREATE:
+        return 16
+    if rtype == T_UTIME:
+        return 32
+    if rtype == T_OPEN or rtype == T_READLINK or rtype == T_CHMOD:
+        return 4
+    return 0
+
+
+cdef int _shape(uint32_t rtype) noexcept nogil:
+    if rtype == T_OPEN or rtype == T_CREATE:
+        return SHAPE_FD
+    if rtype == T_CHMOD or rtype == T_UTIME or rtype == T_REMOVE:
+        return SHAPE_STATUS
+    return SHAPE_PAYLOAD
+
+
+cdef uint32_t _SERVED_MASK = 0
+for _t in _SERVED:
+    _SERVED_MASK |= 1 << _t
 
 
 cdef class CompiledLoop:
@@ -299,13 +234,16 @@ cdef class CompiledLoop:
 
     cdef object server, decoder, writer, policy, stats
     cdef int sock_fd, root_fd, proc_fd, wakeup_fd, trail_fd
+    cdef uint32_t host_euid, host_egid
+    cdef int valid_open_flags, name_only_flags, tmpfile_bits
     cdef bint getversion_supported, fast_ok, record_ok, has_trail, compiled_requests
     cdef bint owned               # the trail's state is C's (since _pull), not yet handed back
     cdef unsigned char *rbuf
     cdef Py_ssize_t rpos, rend
     cdef char *line
+    cdef unsigned char *key
     cdef char canon[PATH_MAX + 2]
-    cdef Py_ssize_t canon_len, name_off, raw_off, raw_len
+    cdef Py_ssize_t canon_len, name_off, raw_off, raw_len, tail_off, tail_len
     # the trail's state while C serves
     cdef uint64_t seq
     cdef char prev[65]
@@ -328,21 +266,23 @@ cdef class CompiledLoop:
     cdef dict _entry_of
     cdef list op_frag             # per request type: '"op":"lstat","path":"'
     cdef list result_text         # per errno below 256: '"ok"', '"ENOENT"', ...
-    # what this loop served and handed over (tests and the stop record read them)
+    # what this loop served and handed over (tests and benchmarks read them)
     cdef public uint64_t served, handed, decisions_computed
 
     def __cinit__(self) -> None:
         self.rbuf = <unsigned char *> malloc(RBUF)
         self.line = <char *> malloc(LINE_CAP)
+        self.key = <unsigned char *> malloc(KEY_MAX)
         self.slots = <Slot *> calloc(SLOTS, sizeof(Slot))
         self.entries = <Entry *> calloc(MAX_ENTRIES, sizeof(Entry))
-        if not self.rbuf or not self.line or not self.slots or not self.entries:
+        if not self.rbuf or not self.line or not self.key or not self.slots or not self.entries:
             raise MemoryError()
 
     def __dealloc__(self) -> None:
         self._clear_table()
         free(self.rbuf)
         free(self.line)
+        free(self.key)
         free(self.slots)
         free(self.entries)
 
@@ -356,6 +296,11 @@ cdef class CompiledLoop:
         self.proc_fd = server.executor.proc_fd
         self.getversion_supported = bool(server.executor.getversion_supported)
         self.wakeup_fd = -1 if server.wakeup_fd is None else server.wakeup_fd
+        self.host_euid = geteuid()
+        self.host_egid = getegid()
+        self.valid_open_flags = _executor._VALID_OPEN_FLAGS
+        self.name_only_flags = _executor._NAME_ONLY_FLAGS
+        self.tmpfile_bits = O_TMPFILE & ~O_DIRECTORY
         self.writer = server.audit
         self.has_trail = self.writer is not None
         self.rpos = self.rend = 0
@@ -368,7 +313,7 @@ cdef class CompiledLoop:
         self.lifecycle_room = _writer.LIFECYCLE_ROOM
         self.escaped = _writer._ESCAPED
         self.op_frag = [b""] * 32
-        for t in (T_LSTAT, T_STATFS, T_GETVERSION):
+        for t in _SERVED:
             self.op_frag[t] = ('"op":' + _quote(OP_NAMES[p.RequestType(t)]) + ',"path":"').encode("ascii")
         self.result_text = [_quote(errno_name(c) if c else "ok").encode("ascii") for c in range(256)]
         self.served = self.handed = self.decisions_computed = 0
@@ -439,35 +384,39 @@ cdef class CompiledLoop:
             self._frags.clear()
             self._entry_of.clear()
 
-    cdef int _decision(self, int rtype) except -2:
-        """The entry deciding (rtype, canon): from the table, else computed once by the engine.
-        -1: a rule needs the object (the pipeline decides)."""
-        cdef unsigned char op = <unsigned char> rtype
-        cdef uint64_t h = gw_fnv1a(&op, 1, 14695981039346656037ULL)
-        h = gw_fnv1a(<unsigned char *> self.canon, self.canon_len, h)
+    cdef int _decision(self, uint32_t rtype) except -2:
+        """The entry deciding this request (op, fixed fields, canonical path): from the table, else
+        computed once by the engine. -1: a rule needs the object (the pipeline decides)."""
+        cdef Py_ssize_t keylen = 1 + self.tail_len + self.canon_len
+        cdef unsigned char *k = self.key
+        k[0] = <unsigned char> rtype
+        memcpy(k + 1, self.rbuf + self.tail_off, self.tail_len)
+        memcpy(k + 1 + self.tail_len, self.canon, self.canon_len)
+        cdef uint64_t h = gw_fnv1a(k, keylen, 14695981039346656037ULL)
         cdef Py_ssize_t mask = SLOTS - 1
         cdef Py_ssize_t i = <Py_ssize_t> (h & mask)
         cdef Slot *s
-        cdef uint32_t keylen = <uint32_t> (self.canon_len + 1)
         while True:
             s = &self.slots[i]
             if s.key == NULL:
                 break
-            if s.hash == h and s.keylen == keylen and <unsigned char> s.key[0] == op \
-                    and memcmp(s.key + 1, self.canon, self.canon_len) == 0:
+            if s.hash == h and s.keylen == keylen and memcmp(s.key, k, keylen) == 0:
                 return s.entry
             i = (i + 1) & mask
         # Not known: the engine decides, once.
+        if self.n_entries >= MAX_ENTRIES or self.used >= SLOTS * 3 // 4:
+            self._clear_table()
+            return self._decision(rtype)
         self.decisions_computed += 1
-        got = path_decision(self.policy, rtype, PyBytes_FromStringAndSize(self.canon, self.canon_len))
+        got = request_decision(
+            self.policy, rtype, PyBytes_FromStringAndSize(self.canon, self.canon_len),
+            PyBytes_FromStringAndSize(<char *> self.rbuf + self.tail_off, self.tail_len),
+        )
         if got is None:
             return -1
         outcome, err, frag, weight = got
         idx = self._entry_of.get(frag)
         if idx is None:
-            if self.n_entries >= MAX_ENTRIES or self.used >= SLOTS * 3 // 4:
-                self._clear_table()
-                return self._decision(rtype)
             idx = self.n_entries
             self.n_entries += 1
             self._frags.append(frag)
@@ -477,16 +426,12 @@ cdef class CompiledLoop:
             self.entries[idx].frag = PyBytes_AS_STRING(frag)
             self.entries[idx].fraglen = PyBytes_GET_SIZE(frag)
             self.entries[idx].weight = weight
-        if self.used >= SLOTS * 3 // 4:
-            self._clear_table()
-            return self._decision(rtype)
         s.key = <char *> malloc(keylen)
         if s.key == NULL:
             return <int> idx  # decided, just not kept
-        s.key[0] = <char> op
-        memcpy(s.key + 1, self.canon, self.canon_len)
+        memcpy(s.key, k, keylen)
         s.hash = h
-        s.keylen = keylen
+        s.keylen = <uint32_t> keylen
         s.entry = <int> idx
         self.used += 1
         return <int> idx
@@ -494,8 +439,8 @@ cdef class CompiledLoop:
     # -- the loop ------------------------------------------------------------------------------------
 
     def serve(self) -> object:
-        """Serve until the client goes away or the stream can no longer be framed (Server.serve's
-        contract); returns the server's ServeStats."""
+        """Serve until the client goes away or the stream can no longer be framed (the contract of
+        Server.serve); returns the server's ServeStats."""
         cdef uint32_t rtype, size
         cdef Py_ssize_t avail, frame
         cdef ssize_t n
@@ -513,17 +458,15 @@ cdef class CompiledLoop:
                     frame = 8 + <Py_ssize_t> size
                     if avail >= frame:
                         r = HANDED
-                        if self.fast_ok and (rtype == T_LSTAT or rtype == T_GETVERSION or rtype == T_STATFS):
+                        if self.fast_ok and rtype < 32 and _SERVED_MASK & ((<uint32_t> 1) << rtype):
                             r = self._serve_fast(rtype, self.rpos + 8, size)
                         if r == END:
-                            self._push()
                             return self.stats
+                        self.rpos += frame
                         if r == SERVED:
                             self.served += 1
-                            self.rpos += frame
                         else:
                             self.handed += 1
-                            self.rpos += frame
                             if not self._hand_over(self.rpos - frame, frame):
                                 return self.stats
                         if self.rpos == self.rend:
@@ -558,7 +501,7 @@ cdef class CompiledLoop:
             self._push()
 
     cdef bint _wait_for_data(self) except -1:
-        """Idle in poll on the socket and the signals' wakeup pipe (Server._wait_for_data)."""
+        """Idle in poll on the socket and the signals' wakeup pipe (as the pipeline's loop did)."""
         cdef pollfd fds[2]
         cdef int r
         while True:
@@ -604,19 +547,22 @@ cdef class CompiledLoop:
 
     # -- one request ---------------------------------------------------------------------------------
 
-    cdef int _canonical(self, Py_ssize_t start, uint32_t size) noexcept:
-        """The frame's path, checked and normalised into self.canon; 0 when the pipeline must serve it.
-        self.name_off: where the final component starts in canon (after its slash)."""
+    cdef int _canonical(self, Py_ssize_t start, uint32_t size, int tail) noexcept:
+        """The frame's path, checked and normalised into self.canon, and where its fixed fields are;
+        0 when the pipeline must serve it. self.name_off: where the final component starts in canon."""
         cdef unsigned char *buf = self.rbuf + start
-        cdef Py_ssize_t length, i, j, comp
+        cdef Py_ssize_t length, full, i, j, comp
         cdef unsigned char c
         if size < 2:
             return 0
-        length = buf[0] | (buf[1] << 8)
-        if 2 + length > size:
-            return 0
+        full = buf[0] | (buf[1] << 8)
+        if 2 + full + tail > size:
+            return 0  # short: the pipeline answers it as Malformed
+        self.tail_off = start + 2 + full
+        self.tail_len = tail
         buf += 2
-        for i in range(length):  # a NUL ends the path (QEMU sends one)
+        length = full
+        for i in range(full):  # a NUL ends the path (QEMU sends one)
             if buf[i] == 0:
                 length = i
                 break
@@ -630,7 +576,6 @@ cdef class CompiledLoop:
             if c == 0x2F:
                 i += 1
                 continue
-            # a component starts at i
             if c == 0x2E and (i + 1 == length or buf[i + 1] == 0x2F or
                               (buf[i + 1] == 0x2E and (i + 2 == length or buf[i + 2] == 0x2F))):
                 return 0  # '.' or '..'
@@ -653,52 +598,91 @@ cdef class CompiledLoop:
         self.raw_len = length
         return 1
 
+    cdef int _parent(self, int *dirfd) noexcept:
+        """The final component's parent resolved beneath the root (Resolver.name): 0 and *dirfd, or the
+        errno that decides the request where it was heading (ENOENT, ENOTDIR: the normalised path);
+        -1 when only the pipeline can say (a symlink on the way, anything else)."""
+        cdef int e
+        if self.name_off == 1:
+            dirfd[0] = self.root_fd
+            return 0
+        self.canon[self.name_off - 1] = 0
+        dirfd[0] = gw_openat2(self.root_fd, self.canon, O_PATH | O_DIRECTORY)
+        e = errno
+        self.canon[self.name_off - 1] = 0x2F
+        if dirfd[0] >= 0:
+            return 0
+        if e == ENOENT or e == ENOTDIR:
+            return e
+        return -1
+
     cdef int _serve_fast(self, uint32_t rtype, Py_ssize_t start, uint32_t size) except -1:
         cdef int64_t t0 = gw_mono_ns()
-        cdef int dirfd = -1, fd = -1, err = 0, e, idx
-        cdef Py_ssize_t need
-        cdef unsigned char reply[8 + 116]
-        cdef Py_ssize_t payload_len = 0
-        cdef uint64_t version
+        cdef int dirfd = -1, fd = -1, out_fd = -1, err = 0, r, idx, flags = 0, kind, shape
+        cdef Py_ssize_t need, payload_len = 0
+        cdef uint64_t version = 0
+        cdef uint32_t uid = 0, gid = 0, mode = 0
+        cdef ssize_t n
         cdef Entry *entry
-        if not self._canonical(start, size):
+        cdef gw_fsids ids
+        cdef unsigned char reply[8 + 2 + PATH_MAX + 8]
+        cdef unsigned char tail_buf[32]
+        if not self._canonical(start, size, _tail_size(rtype)):
             return HANDED
         if self.has_trail and not self.record_ok:
             return HANDED
-        # Resolve once.
-        if rtype == T_LSTAT:
-            # Form.NOFOLLOW, stat only: the parent resolved, the name lstat'ed in it.
-            if self.name_off == 1:
-                dirfd = self.root_fd
-            else:
-                self.canon[self.name_off - 1] = 0
-                dirfd = gw_openat2(self.root_fd, self.canon, O_PATH | O_DIRECTORY)
-                e = errno
-                self.canon[self.name_off - 1] = 0x2F
-                if dirfd < 0:
-                    if e == ENOENT or e == ENOTDIR:
-                        err = e  # heading: the normalised path itself (no symlink before the stop)
-                    else:
-                        return HANDED
-            if not err:
-                if gw_lstat_at(dirfd, self.canon + self.name_off, reply + 8) < 0:
-                    err = _err(errno)
-                else:
-                    payload_len = 116
-                if dirfd != self.root_fd:
-                    close(dirfd)
-        else:
+        if self.tail_len:
+            memcpy(tail_buf, self.rbuf + self.tail_off, self.tail_len)
+        shape = _shape(rtype)
+        # Resolve once (gateway/core/resolve.py's forms, for the shapes served here).
+        if rtype == T_OPEN:
+            flags = <int> gw_get32(tail_buf)
+            if flags & (O_CREAT | O_NOFOLLOW):
+                return HANDED  # Form.CREATE or Form.NOFOLLOW: the pipeline's
+        if rtype == T_CREATE:
+            flags = <int> gw_get32(tail_buf)
+            mode = gw_get32(tail_buf + 4)
+            uid = gw_get32(tail_buf + 8)
+            gid = gw_get32(tail_buf + 12)
+            if (not flags & O_CREAT or flags & (O_DIRECTORY | self.tmpfile_bits)
+                    or uid == 0xFFFFFFFF or gid == 0xFFFFFFFF):
+                return HANDED
+        if rtype == T_STATFS or rtype == T_GETVERSION or rtype == T_CHMOD or rtype == T_OPEN:
             # Form.FOLLOW: what the whole path leads to.
             fd = gw_openat2(self.root_fd, self.canon, O_PATH)
             if fd < 0:
-                e = errno
-                if e == ENOENT or e == ENOTDIR:
-                    err = e
-                else:
+                err = errno
+                if err != ENOENT and err != ENOTDIR:
                     return HANDED
+        else:
+            r = self._parent(&dirfd)
+            if r < 0:
+                return HANDED
+            err = r
+            if not err:
+                if rtype == T_LSTAT:
+                    # Form.NOFOLLOW, stat only: read now, the object's attributes as they were resolved.
+                    if gw_lstat_at(dirfd, self.canon + self.name_off, reply + 8) < 0:
+                        err = _err(errno)
+                    else:
+                        payload_len = 116
+                elif rtype == T_UTIME or rtype == T_READLINK:
+                    # Form.NOFOLLOW: the final component itself, never followed (Resolver._open_final).
+                    fd = openat(dirfd, self.canon + self.name_off, O_PATH | O_NOFOLLOW | O_CLOEXEC)
+                    if fd < 0:
+                        err = _err(errno)
+                elif rtype == T_CREATE:
+                    # Form.CREATE, served only when nothing is there (else the pipeline's rules apply).
+                    if fstatat(dirfd, self.canon + self.name_off, <void *> reply, AT_SYMLINK_NOFOLLOW) == 0 \
+                            or errno != ENOENT:
+                        self._close_dir(dirfd)
+                        return HANDED
+            elif rtype == T_CREATE:
+                return HANDED
         # Decide.
         idx = self._decision(rtype)
         if idx < 0:
+            self._close_dir(dirfd)
             if fd >= 0:
                 close(fd)
             return HANDED
@@ -708,14 +692,22 @@ cdef class CompiledLoop:
             need = (self.record_fixed + 2 * PyBytes_GET_SIZE(self.head)
                     + self.escaped * (self.raw_len + entry.weight + self.canon_len) + self.lifecycle_room)
             if self.size + need > self.reserved_end:
+                self._close_dir(dirfd)
                 if fd >= 0:
                     close(fd)
                 return HANDED  # the pipeline reserves (fallocate) or refuses
-        # Perform.
+        # Perform (gateway/core/executor.py's operations, on what was resolved).
         if entry.outcome == OUT_DENY:
             err = entry.err
             payload_len = 0
             self.denied += 1
+        elif rtype == T_GETVERSION and not self.getversion_supported:
+            # As the reference and Executor.getversion: 0 without looking at the path.
+            err = 0
+            gw_put64(reply + 8, 0)
+            payload_len = 8
+        elif rtype == T_READLINK and <int> gw_get32(tail_buf) <= 1:
+            err = EINVAL  # the reference reads into bufsize - 1 bytes: checked before the path
         elif not err:
             if rtype == T_STATFS:
                 if gw_statfs_payload(fd, reply + 8) < 0:
@@ -723,22 +715,62 @@ cdef class CompiledLoop:
                 else:
                     payload_len = 88
             elif rtype == T_GETVERSION:
-                if not self.getversion_supported:
-                    version = 0
-                    gw_put64(reply + 8, 0)
-                    payload_len = 8
+                kind = gw_fd_type(fd)
+                if kind < 0 or not gw_openable_type(kind):  # no attributes, or never opened: ENXIO
+                    err = ENXIO
+                elif gw_getversion(self.proc_fd, fd, &version) < 0:
+                    err = _err(errno)
                 else:
-                    if gw_openable(fd) <= 0:  # not openable, or no attributes: Executor says ENXIO
+                    gw_put64(reply + 8, version)
+                    payload_len = 8
+            elif rtype == T_CHMOD:
+                if gw_chmod_fd(self.proc_fd, fd, gw_get32(tail_buf)) < 0:
+                    err = _err(errno)
+            elif rtype == T_UTIME:
+                if gw_utime_fd(self.proc_fd, fd, tail_buf) < 0:
+                    err = _err(errno)
+            elif rtype == T_REMOVE:
+                if gw_remove_at(dirfd, self.canon + self.name_off) < 0:
+                    err = _err(errno)
+            elif rtype == T_READLINK:
+                kind = gw_fd_type(fd)
+                if kind != S_IFLNK:
+                    err = EINVAL  # readlink(2)'s answer for anything but a symlink
+                else:
+                    n = readlinkat(fd, "", <char *> reply + 10, PATH_MAX)
+                    if n < 0:
+                        err = _err(errno)
+                    else:
+                        if n > <int> gw_get32(tail_buf) - 1:
+                            n = <int> gw_get32(tail_buf) - 1
+                        gw_put16(reply + 8, <uint16_t> n)
+                        payload_len = 2 + n
+            elif rtype == T_OPEN:
+                flags &= self.valid_open_flags
+                kind = gw_fd_type(fd)
+                if flags & self.tmpfile_bits:
+                    err = self._tmpfile_errno(flags)  # what Executor._check_open_flags says
+                if not err:
+                    if kind < 0:
+                        err = _err(errno)
+                    elif flags & O_DIRECTORY and kind != S_IFDIR:
+                        err = ENOTDIR
+                    elif not gw_openable_type(kind):
                         err = ENXIO
                     else:
-                        err = self._getversion(fd, reply + 8)
-                        if not err:
-                            payload_len = 8
-        elif rtype == T_GETVERSION and not self.getversion_supported:
-            # As the reference and Executor.getversion: 0 without looking at the path.
-            err = 0
-            gw_put64(reply + 8, 0)
-            payload_len = 8
+                        out_fd = gw_reopen(self.proc_fd, fd, flags & ~self.name_only_flags)
+                        if out_fd < 0:
+                            err = _err(errno)
+            elif rtype == T_CREATE:
+                flags &= self.valid_open_flags
+                if gw_fsids_enter(&ids, uid, gid, self.host_euid, self.host_egid) < 0:
+                    err = _err(errno)
+                else:
+                    out_fd = gw_create_at(dirfd, self.canon + self.name_off, flags, mode & 0o7777)
+                    if out_fd < 0:
+                        err = _err(errno)
+                    gw_fsids_exit(&ids, self.host_euid, self.host_egid)
+        self._close_dir(dirfd)
         if fd >= 0:
             close(fd)
         if err:
@@ -749,34 +781,59 @@ cdef class CompiledLoop:
             if self._record(rtype, entry, err, t0) < 0:
                 err = EIO
                 payload_len = 0
+                if out_fd >= 0:
+                    close(out_fd)
+                    out_fd = -1
         # Reply.
+        if shape == SHAPE_FD:
+            if out_fd >= 0:
+                return self._send_fd(rtype, out_fd)
+            gw_put32(reply, <uint32_t> (-(err if err else EIO)))
+            return SERVED if self._send_all(reply, 4) else END
         if err:
             gw_put32(reply, 1)
             gw_put32(reply + 4, 4)
             gw_put32(reply + 8, <uint32_t> (-err))
             payload_len = 4
+        elif shape == SHAPE_STATUS:
+            gw_put32(reply, 0)
+            gw_put32(reply + 4, 4)
+            gw_put32(reply + 8, 0)
+            payload_len = 4
         else:
             gw_put32(reply, 0)
             gw_put32(reply + 4, <uint32_t> payload_len)
-        if not self._send_all(reply, 8 + payload_len):
-            return END
-        return SERVED
+        return SERVED if self._send_all(reply, 8 + payload_len) else END
 
-    cdef int _getversion(self, int fd, unsigned char *out) noexcept:
-        """FS_IOC_GETVERSION on the object, reopened through /proc/self/fd (O_PATH fds take no ioctl)."""
-        cdef char name[24]
-        cdef uint64_t version = 0
-        cdef int rfd, err = 0
-        snprintf(name, sizeof(name), "%d", fd)
-        rfd = openat(self.proc_fd, name, O_RDONLY | O_NONBLOCK | O_CLOEXEC)
-        if rfd < 0:
-            return _err(errno)
-        if gw_getversion(rfd, &version) < 0:
-            err = _err(errno)
-        close(rfd)
-        if not err:
-            gw_put64(out, version)
-        return err
+    cdef int _tmpfile_errno(self, int flags) noexcept:
+        # Executor._check_open_flags: O_TMPFILE needs all its bits and write access, else EINVAL.
+        if flags & O_TMPFILE != O_TMPFILE or flags & 3 == 0:
+            return EINVAL
+        return 0
+
+    cdef inline void _close_dir(self, int dirfd) noexcept:
+        if dirfd >= 0 and dirfd != self.root_fd:
+            close(dirfd)
+
+    cdef int _send_fd(self, uint32_t rtype, int fd) except -1:
+        """The fd reply (SCM_RIGHTS). Too many fds in flight (ETOOMANYREFS): the pipeline's answer."""
+        cdef ssize_t n = gw_send_fd(self.sock_fd, fd)
+        cdef int e = errno
+        close(fd)
+        if n >= 0:
+            return SERVED
+        if e != ETOOMANYREFS:
+            self._push()
+            self.stats.end = f"write error: {os.strerror(e)}"
+            return END
+        self._push()
+        try:
+            self.server.fd_not_sent(p.RequestType(rtype), os.strerror(e))
+        except OSError as exc:
+            self.stats.end = f"write error: {exc.strerror}"
+            return END
+        self._pull()
+        return SERVED
 
     cdef bint _send_all(self, const unsigned char *data, Py_ssize_t n) except -1:
         cdef ssize_t k
@@ -785,6 +842,7 @@ cdef class CompiledLoop:
             if k < 0:
                 if errno == EINTR:
                     continue
+                self._push()
                 self.stats.end = f"write error: {os.strerror(errno)}"
                 return False
             data += k

@@ -315,6 +315,13 @@ class Server:
         if self.audit is not None:
             self.audit.lifecycle("protocol-error", type=rtype, size=size, reason=reason, result=answer)
 
+    def fd_not_sent(self, rtype: p.RequestType, why: str) -> None:
+        """An OPEN/CREATE whose fd the kernel refused to send (ETOOMANYREFS): answered EMFILE instead."""
+        log.warning("%s: fd not sent (%s): EMFILE", rtype.name, why)
+        if self.audit is not None:
+            self.audit.lifecycle("reply-changed", op=rtype.name.lower(), result="EMFILE")
+        self.sock.sendall(p.encode_fd_reply(errno.EMFILE))
+
     def reply(self, request: p.Request, result: Result) -> None:
         shape = _SHAPES[request.type]
         if shape is _FD:
@@ -333,10 +340,7 @@ class Server:
                 # more of our fds queued than our RLIMIT_NOFILE, and the kernel refuses this one. Nothing
                 # was sent, so answer this request with an error (EMFILE: the open(2) errno closest to
                 # "out of descriptors") instead of ending the session as a write error.
-                log.warning("%s: fd not sent (%s): EMFILE", request.type.name, exc.strerror)
-                if self.audit is not None:
-                    self.audit.lifecycle("reply-changed", op=request.type.name.lower(), result="EMFILE")
-                self.sock.sendall(p.encode_fd_reply(errno.EMFILE))
+                self.fd_not_sent(request.type, exc.strerror or "")
             finally:
                 os.close(result.fd)
         elif shape is _STATUS or result.errno:
