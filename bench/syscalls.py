@@ -348,9 +348,8 @@ def measure(
 
 
 def fmt_breakdown(burst: Burst) -> str:
-    return " ".join(
-        f"{name}:{v:g}" if v == int(v) else f"{name}:{v:.2f}" for name, v in burst.breakdown().items()
-    )
+    """name:calls/request pairs, most frequent first; a fraction to 3 decimals (1.005: a rare extra)."""
+    return " ".join(f"{name}:{f'{v:.3f}'.rstrip('0').rstrip('.')}" for name, v in burst.breakdown().items())
 
 
 def render(ref: dict[str, Burst] | None, gw: dict[str, Burst], k: int) -> str:
