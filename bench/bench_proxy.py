@@ -41,8 +41,8 @@ Workloads (an "op" is what one latency sample and one unit of ops/s count):
 Before measuring, each server's replies are checked: CREATE as 1000:1000 makes a file owned by it,
 GETVERSION answers the generation the host's own ioctl reads on that server's file (its low 32 bits:
 the ioctl writes an int and the reference leaves the u64's upper half uninitialised; 0 where the file
-system lacks the ioctl), and each gateway's STATFS reply agrees with the reference's on the fields that do not
-move (type, bsize, blocks, files, fsid, namelen, frsize).
+system lacks the ioctl), and each gateway's STATFS reply agrees with the reference's on the fields that
+do not move (type, bsize, blocks, files, fsid, namelen, frsize).
 
 Targets, on gateway@1000-rules: lstat >= 0.8x, getversion >= 0.8x, mixed >= 1.0x, create+remove >= 1.5x
 the reference's throughput; and every gateway's peak RSS (VmHWM) while serving < 30 MiB. PASS/MISS is
