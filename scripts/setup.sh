@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install what gateway needs on a fresh Debian 12 machine, as root: Debian packages, a virtualenv in
 # .venv with the project and its test tools, and (with --full) what the tests need besides: the
-# reference helper (qemu-system-common), QEMU, busybox-static, gcc and the guest kernel.
+# reference helper (qemu-system-common), QEMU, busybox-static, gcc, strace and the guest kernel.
 # Idempotent: a second run installs nothing new.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -16,7 +16,8 @@ say() { echo "setup: $*"; }
 # python3-dev and libssl-dev build the compiled data plane (gateway/fastloop.pyx, Cython 3 from PyPI).
 pkgs=(libcap-dev libseccomp2 gcc python3-venv python3-dev libssl-dev)
 if [ "$full" = 1 ]; then
-    pkgs+=(qemu-system-common qemu-system-x86 busybox-static libc6-dev attr systemd)  # systemd: systemd-analyze
+    # systemd: systemd-analyze; strace: tests/test_syscall_counts.py and bench/syscalls.py
+    pkgs+=(qemu-system-common qemu-system-x86 busybox-static libc6-dev attr systemd strace)
 fi
 missing=()
 for p in "${pkgs[@]}"; do
