@@ -182,6 +182,7 @@ class Boot:
     trail: Path | None = None
     trail_counts: dict[str, dict[str, int]] = field(default_factory=dict)  # segment -> op -> count
     decisions: dict[str, int] = field(default_factory=dict)
+    trail_us: dict[str, float] = field(default_factory=dict)  # op -> sum of the records' "us"
     helper_requests: int | None = None  # the gateway's own "after N requests" at the end
 
 
@@ -259,7 +260,7 @@ def run_boot(
         trail=trail,
     )
     if trail is not None:
-        boot.trail_counts, boot.decisions = read_trail(trail)
+        boot.trail_counts, boot.decisions, boot.trail_us = read_trail(trail)
         m = re.search(r"after (\d+) requests", result.helper_log)
         boot.helper_requests = int(m[1]) if m else None
     return boot
@@ -282,10 +283,12 @@ _MARK_SEGMENT = {
 }
 
 
-def read_trail(path: Path) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
-    """Request records per segment and op (markers in a segment of their own), and per decision."""
+def read_trail(path: Path) -> tuple[dict[str, dict[str, int]], dict[str, int], dict[str, float]]:
+    """Request records per segment and op (markers in a segment of their own), per decision, and the sum
+    of the records' "us" (the gateway's own time for the request) per op."""
     counts: dict[str, collections.Counter[str]] = {s: collections.Counter() for s in (*SEGMENTS, "markers")}
     decisions: collections.Counter[str] = collections.Counter()
+    us: dict[str, float] = collections.defaultdict(float)
     segment = "boot"
     if not path.exists():
         raise BenchError(f"the gateway wrote no audit trail at {path}")
@@ -301,13 +304,14 @@ def read_trail(path: Path) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
                 continue
             op = str(record.get("op", "?"))
             decisions[str(record.get("decision", "?"))] += 1
+            us[op] += float(record.get("us") or 0.0)
             where = str(record.get("path", ""))
             if MARK in where:
                 counts["markers"][op] += 1
                 segment = _MARK_SEGMENT.get(where.rsplit(MARK, 1)[1].rsplit("-", 1)[0], "other")
                 continue
             counts[segment][op] += 1
-    return {s: dict(c) for s, c in counts.items()}, dict(decisions)
+    return {s: dict(c) for s, c in counts.items()}, dict(decisions), dict(us)
 
 
 def trail_summary(boots: list[Boot], sizes: Sizes) -> dict[str, Any]:
@@ -323,6 +327,7 @@ def trail_summary(boots: list[Boot], sizes: Sizes) -> dict[str, Any]:
         per_boot = [sum(b.trail_counts.get(seg, {}).get(op, 0) for seg in segments) for b in gw]
         row["per_boot"] = per_boot
         row["all_boots"] = sum(per_boot)
+        row["mean_us"] = sum(b.trail_us.get(op, 0.0) for b in gw) / max(1, row["all_boots"])
         per_op[op] = row
     decisions: collections.Counter[str] = collections.Counter()
     for b in gw:
@@ -408,7 +413,7 @@ def render(results: dict[str, Any]) -> None:
     trail = results["trail"]
     tt = Table(title=f"Gateway trail: request records per op (median per boot over {trail['boots']} boots)")
     segments = (*SEGMENTS, "markers")
-    for col in ("op", *segments, "per boot", "all boots", "per cloop it.", "per walk file"):
+    for col in ("op", *segments, "per boot", "all boots", "per cloop it.", "per walk file", "mean us"):
         tt.add_column(col, justify="left" if col == "op" else "right", no_wrap=True)
     per_unit = trail["per_unit"]
     totals = collections.Counter[str]()
@@ -426,6 +431,7 @@ def render(results: dict[str, Any]) -> None:
             f"{row['all_boots']:,}",
             f"{per_unit['cloop'].get(op, 0):.2f}",
             f"{per_unit['walk'].get(op, 0):.2f}",
+            f"{row['mean_us']:.1f}",
         )
     rpb = trail["records_per_boot"]
     tt.add_row(
@@ -435,12 +441,14 @@ def render(results: dict[str, Any]) -> None:
         f"{sum(rpb):,}",
         f"{sum(per_unit['cloop'].values()):.2f}",
         f"{sum(per_unit['walk'].values()):.2f}",
+        "",
     )
     tt.caption = (
         f"counts per boot ({cfg['sizes']['repeats']} repetitions of each workload), split by the guest's "
         "marker lookups (/.bench-mark-*); boot: QEMU's start, the mount and the info step; other: checks "
         "between workloads, cleanup and umount; per cloop iteration / walk file: the workload's count over "
-        "its iterations or files. decisions: "
+        "its iterations or files; mean us: the records' us field (the gateway's own time per request). "
+        "decisions: "
         + ", ".join(f"{k} {v:,}" for k, v in sorted(trail["decisions"].items()))
         + "; the gateway's own request counts per boot: "
         + " ".join(str(x) for x in trail["helper_requests_per_boot"])
