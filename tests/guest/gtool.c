@@ -14,6 +14,12 @@
  *                                         (whole seconds: QEMU's 9p server drops nanoseconds anyway)
  *   gtool stat PATH                       lstat, prints "type=.. mode=OCTAL uid= gid= nlink= size= mtime=
  *                                         rdev=MAJ:MIN" on one line (type: reg dir lnk fifo chr blk sock)
+ *   gtool cloop DIR N                     N times: open(DIR/cI, O_CREAT|O_EXCL|O_WRONLY, 0644), close, stat,
+ *                                         unlink; prints "cloop iterations=N elapsed_ns=T" (CLOCK_MONOTONIC
+ *                                         around the whole loop; stops at the first failing call)
+ *   gtool timeit CMD [ARG...]             runs CMD (fork + execvp, output inherited), then prints
+ *                                         "timeit rc=R elapsed_ns=T" (CLOCK_MONOTONIC from fork to reap)
+ *                                         and exits with CMD's status (128+SIG when a signal ended it)
  *
  * On failure it prints "gtool: OP PATH: strerror (errno N NAME)" on stderr and exits 1, so a guest script
  * (and a test reading the console) can tell EPERM from EACCES from ENOENT.
@@ -25,9 +31,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
 #include <sys/types.h>
+#include <sys/wait.h>
 #include <sys/xattr.h>
 #include <unistd.h>
 
@@ -66,7 +74,7 @@ static int fail(const char *op, const char *path)
 
 static int usage(void)
 {
-    fprintf(stderr, "usage: gtool setxattr|getxattr|listxattr|removexattr|runas|mknod|utime|stat ...\n");
+    fprintf(stderr, "usage: gtool setxattr|getxattr|listxattr|removexattr|runas|mknod|utime|stat|cloop|timeit ...\n");
     return 2;
 }
 
@@ -91,6 +99,71 @@ static int do_stat(const char *path)
            (unsigned long)st.st_nlink, (long long)st.st_size, (long long)st.st_mtim.tv_sec,
            major(st.st_rdev), minor(st.st_rdev));
     return 0;
+}
+
+static long long now_ns(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* The benchmark's create+stat+unlink loop: the three calls of a short-lived file, n times. */
+static int do_cloop(const char *dir, long n)
+{
+    char path[4096];
+    struct stat st;
+    long long start, elapsed;
+
+    if (n <= 0) {
+        fprintf(stderr, "gtool: cloop: N must be positive\n");
+        return 2;
+    }
+    start = now_ns();
+    for (long i = 0; i < n; i++) {
+        int fd;
+
+        snprintf(path, sizeof(path), "%s/c%ld", dir, i);
+        fd = open(path, O_CREAT | O_EXCL | O_WRONLY, 0644);
+        if (fd < 0)
+            return fail("open", path);
+        if (close(fd) != 0)
+            return fail("close", path);
+        if (stat(path, &st) != 0)
+            return fail("stat", path);
+        if (unlink(path) != 0)
+            return fail("unlink", path);
+    }
+    elapsed = now_ns() - start;
+    printf("cloop iterations=%ld elapsed_ns=%lld\n", n, elapsed);
+    return 0;
+}
+
+static int do_timeit(char **argv)
+{
+    long long start, elapsed;
+    int status, rc;
+    pid_t pid;
+
+    fflush(stdout);
+    start = now_ns();
+    pid = fork();
+    if (pid < 0)
+        return fail("fork", argv[0]);
+    if (pid == 0) {
+        execvp(argv[0], argv);
+        fail("exec", argv[0]);
+        _exit(127);
+    }
+    while (waitpid(pid, &status, 0) < 0) {
+        if (errno != EINTR)
+            return fail("waitpid", argv[0]);
+    }
+    elapsed = now_ns() - start;
+    rc = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    printf("timeit rc=%d elapsed_ns=%lld\n", rc, elapsed);
+    return rc;
 }
 
 int main(int argc, char **argv)
@@ -169,5 +242,9 @@ int main(int argc, char **argv)
     }
     if (strcmp(cmd, "stat") == 0 && argc == 3)
         return do_stat(argv[2]);
+    if (strcmp(cmd, "cloop") == 0 && argc == 4)
+        return do_cloop(argv[2], strtol(argv[3], NULL, 10));
+    if (strcmp(cmd, "timeit") == 0 && argc >= 3)
+        return do_timeit(argv + 2);
     return usage();
 }
