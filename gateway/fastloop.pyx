@@ -56,6 +56,7 @@ log = logging.getLogger("gateway.server")
 cdef extern from "fastloop_c.h" nogil:
     struct gw_fsids:
         int have_caps
+        int cached
     int gw_openat2(int dirfd, const char *path, uint64_t flags)
     void gw_put16(unsigned char *out, uint16_t v)
     void gw_put32(unsigned char *out, uint32_t v)
@@ -68,7 +69,7 @@ cdef extern from "fastloop_c.h" nogil:
     int gw_reopen(int proc_fd, int fd, int flags)
     int gw_getversion(int proc_fd, int fd, uint64_t *out)
     int gw_chmod_fd(int proc_fd, int fd, unsigned int mode)
-    int gw_utime_fd(int proc_fd, int fd, const unsigned char *times)
+    int gw_utime_at(int dirfd, const char *name, const unsigned char *times)
     int gw_remove_at(int dirfd, const char *name)
     int gw_fsids_enter(gw_fsids *f, uint32_t uid, uint32_t gid, uint32_t euid, uint32_t egid)
     void gw_fsids_exit(gw_fsids *f, uint32_t euid, uint32_t egid)
@@ -93,13 +94,7 @@ cdef extern from "fastloop_c.h" nogil:
     ssize_t send(int fd, const void *buf, size_t n, int flags)
     int fdatasync(int fd)
     int snprintf(char *out, size_t cap, const char *fmt, ...)
-    struct pollfd:
-        int fd
-        short events
-        short revents
-    int poll(pollfd *fds, unsigned long n, int timeout)
-    short POLLIN
-    int EINTR, ENOENT, ENOTDIR, ENXIO, EIO, EINVAL, ETOOMANYREFS
+    int EAGAIN, EINTR, ENOENT, ENOTDIR, ENXIO, EIO, EINVAL, ETOOMANYREFS
     struct stat_buf "stat":
         pass
 
@@ -235,6 +230,7 @@ cdef class CompiledLoop:
     cdef object server, decoder, writer, policy, stats
     cdef int sock_fd, root_fd, proc_fd, wakeup_fd, trail_fd
     cdef uint32_t host_euid, host_egid
+    cdef gw_fsids ids             # CREATE's switch to the guest's ids (its capability sets kept)
     cdef int valid_open_flags, name_only_flags, tmpfile_bits
     cdef bint getversion_supported, fast_ok, record_ok, has_trail, compiled_requests
     cdef bint owned               # the trail's state is C's (since _pull), not yet handed back
@@ -268,6 +264,8 @@ cdef class CompiledLoop:
     cdef list result_text         # per errno below 256: '"ok"', '"ENOENT"', ...
     # what this loop served and handed over (tests and benchmarks read them)
     cdef public uint64_t served, handed, decisions_computed
+    # set by Server.request_reload/request_reopen (from a signal handler): act between two requests
+    cdef public bint signalled
 
     def __cinit__(self) -> None:
         self.rbuf = <unsigned char *> malloc(RBUF)
@@ -328,6 +326,7 @@ cdef class CompiledLoop:
             self.policy = server.policy
             self._clear_table()
         self.fast_ok = self.compiled_requests and server.ids is None and server.rate is None
+        self.ids.cached = 0  # Python code ran: capget again before the next switch
         self.record_ok = True
         self.owned = True
         if self.has_trail:
@@ -462,6 +461,9 @@ cdef class CompiledLoop:
                             r = self._serve_fast(rtype, self.rpos + 8, size)
                         if r == END:
                             return self.stats
+                        PyErr_CheckSignals()  # run the handlers of signals that came meanwhile
+                        if self.signalled:
+                            self._signals()
                         self.rpos += frame
                         if r == SERVED:
                             self.served += 1
@@ -477,11 +479,13 @@ cdef class CompiledLoop:
                     memmove(self.rbuf, self.rbuf + self.rpos, avail)
                     self.rend = avail
                     self.rpos = 0
-                if self.wakeup_fd >= 0 and not self._wait_for_data():
-                    return self.stats
+                # No poll before the read (one system call less per request): a signal interrupts the
+                # blocking recv (Python's handlers are installed without SA_RESTART), and the one that
+                # lands between the check after the last request and the recv is seen when the receive
+                # timeout ends the wait (Server sets SO_RCVTIMEO, before the sandbox forbids it).
                 n = recv(self.sock_fd, self.rbuf + self.rend, RBUF - self.rend, 0)
                 if n < 0:
-                    if errno == EINTR:
+                    if errno == EINTR or errno == EAGAIN:
                         self._signals()
                         continue
                     self._push()
@@ -500,34 +504,10 @@ cdef class CompiledLoop:
         finally:
             self._push()
 
-    cdef bint _wait_for_data(self) except -1:
-        """Idle in poll on the socket and the signals' wakeup pipe (as the pipeline's loop did)."""
-        cdef pollfd fds[2]
-        cdef int r
-        while True:
-            fds[0].fd = self.sock_fd
-            fds[0].events = POLLIN
-            fds[0].revents = 0
-            fds[1].fd = self.wakeup_fd
-            fds[1].events = POLLIN
-            fds[1].revents = 0
-            r = poll(fds, 2, -1)
-            if r < 0:
-                if errno == EINTR:
-                    self._signals()
-                    continue
-                self._push()
-                self.stats.end = f"read error: {os.strerror(errno)}"
-                return False
-            if fds[1].revents:
-                self._signals()
-            if fds[0].revents:
-                return True
-
     cdef int _signals(self) except -1:
         """Run the Python handlers of the signals that came, and act on them (between two requests)."""
-        if PyErr_CheckSignals() < 0:
-            return -1
+        self.signalled = False
+        PyErr_CheckSignals()
         self._push()
         server = self.server
         if self.wakeup_fd >= 0:
@@ -624,7 +604,6 @@ cdef class CompiledLoop:
         cdef uint32_t uid = 0, gid = 0, mode = 0
         cdef ssize_t n
         cdef Entry *entry
-        cdef gw_fsids ids
         cdef unsigned char reply[8 + 2 + PATH_MAX + 8]
         cdef unsigned char tail_buf[32]
         if not self._canonical(start, size, _tail_size(rtype)):
@@ -666,11 +645,6 @@ cdef class CompiledLoop:
                         err = _err(errno)
                     else:
                         payload_len = 116
-                elif rtype == T_UTIME or rtype == T_READLINK:
-                    # Form.NOFOLLOW: the final component itself, never followed (Resolver._open_final).
-                    fd = openat(dirfd, self.canon + self.name_off, O_PATH | O_NOFOLLOW | O_CLOEXEC)
-                    if fd < 0:
-                        err = _err(errno)
                 elif rtype == T_CREATE:
                     # Form.CREATE, served only when nothing is there (else the pipeline's rules apply).
                     if fstatat(dirfd, self.canon + self.name_off, <void *> reply, AT_SYMLINK_NOFOLLOW) == 0 \
@@ -727,24 +701,23 @@ cdef class CompiledLoop:
                 if gw_chmod_fd(self.proc_fd, fd, gw_get32(tail_buf)) < 0:
                     err = _err(errno)
             elif rtype == T_UTIME:
-                if gw_utime_fd(self.proc_fd, fd, tail_buf) < 0:
+                # By name in the resolved parent (gw_utime_at says why that is the same object).
+                if gw_utime_at(dirfd, self.canon + self.name_off, tail_buf) < 0:
                     err = _err(errno)
             elif rtype == T_REMOVE:
                 if gw_remove_at(dirfd, self.canon + self.name_off) < 0:
                     err = _err(errno)
             elif rtype == T_READLINK:
-                kind = gw_fd_type(fd)
-                if kind != S_IFLNK:
-                    err = EINVAL  # readlink(2)'s answer for anything but a symlink
+                # By name in the resolved parent, as UTIME: readlinkat answers EINVAL for anything but a
+                # symlink, as Executor.readlink does after its fstat.
+                n = readlinkat(dirfd, self.canon + self.name_off, <char *> reply + 10, PATH_MAX)
+                if n < 0:
+                    err = _err(errno)
                 else:
-                    n = readlinkat(fd, "", <char *> reply + 10, PATH_MAX)
-                    if n < 0:
-                        err = _err(errno)
-                    else:
-                        if n > <int> gw_get32(tail_buf) - 1:
-                            n = <int> gw_get32(tail_buf) - 1
-                        gw_put16(reply + 8, <uint16_t> n)
-                        payload_len = 2 + n
+                    if n > <int> gw_get32(tail_buf) - 1:
+                        n = <int> gw_get32(tail_buf) - 1
+                    gw_put16(reply + 8, <uint16_t> n)
+                    payload_len = 2 + n
             elif rtype == T_OPEN:
                 flags &= self.valid_open_flags
                 kind = gw_fd_type(fd)
@@ -763,13 +736,13 @@ cdef class CompiledLoop:
                             err = _err(errno)
             elif rtype == T_CREATE:
                 flags &= self.valid_open_flags
-                if gw_fsids_enter(&ids, uid, gid, self.host_euid, self.host_egid) < 0:
+                if gw_fsids_enter(&self.ids, uid, gid, self.host_euid, self.host_egid) < 0:
                     err = _err(errno)
                 else:
                     out_fd = gw_create_at(dirfd, self.canon + self.name_off, flags, mode & 0o7777)
                     if out_fd < 0:
                         err = _err(errno)
-                    gw_fsids_exit(&ids, self.host_euid, self.host_egid)
+                    gw_fsids_exit(&self.ids, self.host_euid, self.host_egid)
         self._close_dir(dirfd)
         if fd >= 0:
             close(fd)

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import socket
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway.server")
 
 _perf_counter_ns = time.perf_counter_ns
+IDLE_WAKEUP_S = 1  # an idle loop looks at the signals once a second (see Server.__init__)
 _NO_EXTRA: dict[str, object] = {}  # never mutated: the record's extras when there are none
 
 
@@ -61,6 +63,9 @@ class Server:
         self, sock: socket.socket, executor: Executor, policy: Policy, audit: AuditWriter | None = None
     ) -> None:
         self.sock = sock
+        # The compiled loop waits for a request in recv alone (no poll before it): a signal interrupts
+        # that wait, and this timeout bounds the one case it cannot (a signal just before the recv).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("@ll", IDLE_WAKEUP_S, 0))
         self.executor = executor
         self.audit = audit
         self.decoder = p.Decoder()
@@ -97,10 +102,14 @@ class Server:
         """SIGHUP: reload the policy between two requests. Only sets a flag: it runs in a signal handler,
         and acting there would re-enter whatever was interrupted (a record half written)."""
         self._reload_pending = True
+        if self.loop is not None:
+            self.loop.signalled = True
 
     def request_reopen(self) -> None:
         """SIGUSR1: reopen the trail between two requests (only a flag, as request_reload)."""
         self._reopen_pending = True
+        if self.loop is not None:
+            self.loop.signalled = True
 
     def act_on_signals(self) -> None:
         """Between two requests: one reopen and one reload for however many signals came meanwhile
