@@ -42,6 +42,7 @@ from cpython.exc cimport PyErr_CheckSignals
 import errno as _errno
 import logging
 import os
+import signal
 import struct
 
 from gateway import protocol as p
@@ -81,6 +82,9 @@ cdef extern from "fastloop_c.h" nogil:
     int gw_time_prefix(int64_t sec, char *out, size_t cap)
     int gw_us_text(int64_t ns, char *out, size_t cap)
     uint64_t gw_fnv1a(const unsigned char *s, size_t n, uint64_t h)
+    int gw_wrap_signal(int sig, int sock)
+    void gw_unwrap_signal(int sig)
+    int gw_signals_seen(int sock)
     int O_PATH, O_CLOEXEC, O_DIRECTORY, O_RDONLY, O_NONBLOCK, O_NOFOLLOW, O_CREAT, O_EXCL, O_NOCTTY
     int O_TMPFILE, S_IFDIR, S_IFLNK, AT_SYMLINK_NOFOLLOW
     int openat(int dirfd, const char *path, int flags)
@@ -166,6 +170,8 @@ for _t in _SERVED:
     _cls, _codes = p.LAYOUTS[p.RequestType(_t)]
     assert _codes[0] == "p" and "p" not in _codes[1:] and "s" not in _codes[1:]
     _CLASSES[_t] = (_cls, struct.Struct("<" + "".join({"d": "i", "u": "I", "q": "Q"}[c] for c in _codes[1:])))
+# The signals whose Python handlers the loop wraps (see fastloop_c.h): reload, reopen, interrupt.
+_WRAPPED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGINT)
 _OUTCOMES = {"allow": OUT_ALLOW, "would-deny": OUT_WOULD_DENY, "deny": OUT_DENY}
 _quote = _writer.quote
 
@@ -444,6 +450,9 @@ cdef class CompiledLoop:
         cdef Py_ssize_t avail, frame
         cdef ssize_t n
         cdef int r
+        for sig in _WRAPPED_SIGNALS:
+            if gw_wrap_signal(sig, self.sock_fd) < 0:
+                raise OSError(errno, f"sigaction({sig}): {os.strerror(errno)}")
         try:
             while True:
                 avail = self.rend - self.rpos
@@ -480,9 +489,8 @@ cdef class CompiledLoop:
                     self.rend = avail
                     self.rpos = 0
                 # No poll before the read (one system call less per request): a signal interrupts the
-                # blocking recv (Python's handlers are installed without SA_RESTART), and the one that
-                # lands between the check after the last request and the recv is seen when the receive
-                # timeout ends the wait (Server sets SO_RCVTIMEO, before the sandbox forbids it).
+                # blocking recv, and one that lands just before it makes it return at once (EAGAIN,
+                # the receive timeout its wrapped handler sets: fastloop_c.h).
                 n = recv(self.sock_fd, self.rbuf + self.rend, RBUF - self.rend, 0)
                 if n < 0:
                     if errno == EINTR or errno == EAGAIN:
@@ -502,11 +510,15 @@ cdef class CompiledLoop:
                     return self.stats
                 self.rend += n
         finally:
+            for sig in _WRAPPED_SIGNALS:
+                gw_unwrap_signal(sig)
             self._push()
 
     cdef int _signals(self) except -1:
         """Run the Python handlers of the signals that came, and act on them (between two requests)."""
         self.signalled = False
+        if gw_signals_seen(self.sock_fd) < 0:
+            raise OSError(errno, "setsockopt SO_RCVTIMEO: " + os.strerror(errno))
         PyErr_CheckSignals()
         self._push()
         server = self.server

@@ -6,7 +6,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
-#include <poll.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
@@ -315,6 +315,67 @@ static uint64_t gw_fnv1a(const unsigned char *s, size_t n, uint64_t h) {
         h *= 1099511628211ULL;
     }
     return h;
+}
+
+/* Signals while the loop waits in recv. Python's handlers (installed without SA_RESTART) interrupt a
+   recv that is blocked already; what no check can close is a signal that lands after the loop looked
+   and before its recv blocks. So the handler is wrapped: before Python's own handler runs, it sets a
+   1 us receive timeout on the socket (setsockopt is a plain system call, safe in a handler), so such a
+   recv returns at once (EAGAIN) and the loop acts; gw_signals_seen() puts the timeout back. Sends are
+   not affected, and nothing is done per request. */
+static volatile sig_atomic_t gw_signal_sock = -1;
+static struct sigaction gw_chained[NSIG];
+static unsigned char gw_wrapped[NSIG];
+
+static void gw_signal_wrapper(int sig, siginfo_t *info, void *ctx) {
+    int saved = errno;
+    int fd = gw_signal_sock;
+    if (fd >= 0) {
+        struct timeval tv = {0, 1};
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    }
+    errno = saved;
+    struct sigaction *old = &gw_chained[sig];
+    if (old->sa_flags & SA_SIGINFO)
+        old->sa_sigaction(sig, info, ctx);
+    else if (old->sa_handler != SIG_DFL && old->sa_handler != SIG_IGN)
+        old->sa_handler(sig);
+}
+
+/* Wrap sig's handler, if it has one (a default or ignored signal is left alone). */
+static int gw_wrap_signal(int sig, int sock) {
+    struct sigaction sa;
+    if (sig <= 0 || sig >= NSIG)
+        return -1;
+    gw_signal_sock = sock;
+    if (gw_wrapped[sig])
+        return 0;
+    if (sigaction(sig, NULL, &gw_chained[sig]) < 0)
+        return -1;
+    if (!(gw_chained[sig].sa_flags & SA_SIGINFO)
+        && (gw_chained[sig].sa_handler == SIG_DFL || gw_chained[sig].sa_handler == SIG_IGN))
+        return 0;
+    sa = gw_chained[sig];
+    sa.sa_sigaction = gw_signal_wrapper;
+    sa.sa_flags = (sa.sa_flags | SA_SIGINFO) & ~SA_RESTART;
+    if (sigaction(sig, &sa, NULL) < 0)
+        return -1;
+    gw_wrapped[sig] = 1;
+    return 0;
+}
+
+static void gw_unwrap_signal(int sig) {
+    if (sig > 0 && sig < NSIG && gw_wrapped[sig]) {
+        sigaction(sig, &gw_chained[sig], NULL);
+        gw_wrapped[sig] = 0;
+    }
+    gw_signal_sock = -1;
+}
+
+/* Called by the loop before it acts on signals: the socket's receive wait is unbounded again. */
+static int gw_signals_seen(int sock) {
+    struct timeval tv = {0, 0};
+    return setsockopt(sock, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
 }
 
 #endif

@@ -4,13 +4,15 @@ process, opens a socket, debugs, mounts, signals others or loads programs into t
 The list was found by tracing the gateway (strace -f) through the integration, differential,
 confinement and real-guest suites, then reading each entry: the server's own file operations, what the
 CPython runtime needs to run (memory, signals, time, randomness) and what the audit trail needs (write,
-fsync, reopen). `ioctl` is allowed for FS_IOC_GETVERSION only; the terminal ioctls that CPython and
-rich probe answer ENOTTY instead of killing. The model is virtiofsd's seccomp.rs.
+fsync, reopen). `ioctl` is allowed for FS_IOC_GETVERSION only, `setsockopt` for SO_RCVTIMEO only; the
+terminal ioctls that CPython and rich probe answer ENOTTY instead of killing.
+The model is virtiofsd's seccomp.rs.
 """
 
 from __future__ import annotations
 
 import errno
+import socket
 import termios
 
 import pyseccomp as sc
@@ -79,6 +81,11 @@ def build_filter(mode: str) -> object:
         except (OSError, ValueError):  # a name this architecture lacks (e.g. "time" on arm64)
             continue
     flt.add_rule(sc.ALLOW, "ioctl", sc.Arg(1, sc.EQ, FS_IOC_GETVERSION))
+    # The compiled loop's signal wrapper sets and clears the socket's receive timeout (fastloop_c.h);
+    # no other socket option can be changed.
+    flt.add_rule(
+        sc.ALLOW, "setsockopt", sc.Arg(1, sc.EQ, socket.SOL_SOCKET), sc.Arg(2, sc.EQ, socket.SO_RCVTIMEO)
+    )
     for request in TERMINAL_IOCTLS:
         flt.add_rule(sc.ERRNO(errno.ENOTTY), "ioctl", sc.Arg(1, sc.EQ, request))
     return flt

@@ -14,7 +14,6 @@ import logging
 import os
 import signal
 import socket
-import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -36,7 +35,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway.server")
 
 _perf_counter_ns = time.perf_counter_ns
-IDLE_WAKEUP_S = 1  # an idle loop looks at the signals once a second (see Server.__init__)
 _NO_EXTRA: dict[str, object] = {}  # never mutated: the record's extras when there are none
 
 
@@ -63,9 +61,6 @@ class Server:
         self, sock: socket.socket, executor: Executor, policy: Policy, audit: AuditWriter | None = None
     ) -> None:
         self.sock = sock
-        # The compiled loop waits for a request in recv alone (no poll before it): a signal interrupts
-        # that wait, and this timeout bounds the one case it cannot (a signal just before the recv).
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("@ll", IDLE_WAKEUP_S, 0))
         self.executor = executor
         self.audit = audit
         self.decoder = p.Decoder()
