@@ -27,9 +27,10 @@ equals the pipeline's for the same requests on the same tree, and every input ou
 is served by the pipeline. No Python object is built for a request served here (the table's keys and
 the record live in C buffers); a decision's first computation builds them once.
 
-The trail's state (seq, prev, size, reserved room, sync time) lives here while C serves, and is handed
-back to the writer (``_push``) before any Python code runs that could write a record, and taken again
-after (``_pull``).
+The module in the pipeline's order: this file frames, resolves, performs and replies (CompiledLoop);
+fastloop_table.pxi decides (DecisionTable); fastloop_trail.pxi records (TrailRecorder, which holds the
+trail's state while C serves and hands it to the AuditWriter whenever Python code runs); fastloop_c.h
+holds the system calls, each the C form of a step gateway/core defines.
 """
 
 from libc.stdint cimport uint16_t, uint32_t, uint64_t, int64_t
@@ -39,7 +40,6 @@ from libc.errno cimport errno
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.exc cimport PyErr_CheckSignals
 
-import errno as _errno
 import logging
 import os
 import signal
@@ -135,69 +135,6 @@ cdef enum:
     SHAPE_STATUS = 1
     SHAPE_FD = 2
 
-cdef struct Slot:
-    uint64_t hash
-    char *key                 # op byte + the request's fixed fields + canonical path; NULL: empty
-    uint32_t keylen
-    int entry
-
-cdef struct Entry:
-    int outcome
-    int err
-    const char *frag          # the request's fields after its path, then ,"decision":..,"rule":..,"reason":..
-    Py_ssize_t fraglen
-    Py_ssize_t weight         # what the reason adds to the record's reserved bound (2 * its length)
-
-
-class NeedsObject(Exception):
-    """Raised by the lookup a first decision gets: the rule deciding it needs the object, so the
-    decision is not one of the request alone and the request is served by the pipeline."""
-
-
-def _no_lookup(_path: str) -> object:
-    raise NeedsObject
-
-
-def _absent(_path: str) -> object:
-    return None  # a CREATE served here names nothing that exists (checked before deciding)
-
-
-# Per request type served here: its class, the struct of its fixed fields after the path (the frame's
-# order, protocol.LAYOUTS) and their size.
-_SERVED = (T_OPEN, T_CREATE, T_LSTAT, T_READLINK, T_STATFS, T_CHMOD, T_UTIME, T_REMOVE, T_GETVERSION)
-_CLASSES: dict[int, tuple[type, struct.Struct]] = {}
-for _t in _SERVED:
-    _cls, _codes = p.LAYOUTS[p.RequestType(_t)]
-    assert _codes[0] == "p" and "p" not in _codes[1:] and "s" not in _codes[1:]
-    _CLASSES[_t] = (_cls, struct.Struct("<" + "".join({"d": "i", "u": "I", "q": "Q"}[c] for c in _codes[1:])))
-# The signals whose Python handlers the loop wraps (see fastloop_c.h): reload, reopen, interrupt.
-_WRAPPED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGINT)
-_OUTCOMES = {"allow": OUT_ALLOW, "would-deny": OUT_WOULD_DENY, "deny": OUT_DENY}
-_quote = _writer.quote
-
-
-def request_decision(policy: object, rtype: int, path: bytes, fields: bytes) -> tuple[int, int, bytes, int] | None:
-    """The decision of a request of this type on this canonical path with these fixed fields (the
-    frame's bytes after the path), with the record's fragment from the fields after the path through
-    the reason; None when a rule in play needs the object (then only the pipeline decides it)."""
-    cls, tail = _CLASSES[rtype]
-    values = tail.unpack(fields)
-    try:
-        d = decide(cls(path, *values), policy, _absent if rtype == T_CREATE else _no_lookup)
-    except NeedsObject:
-        return None
-    prefix = '"op":' + _quote(OP_NAMES[p.RequestType(rtype)]) + ',"path":""'
-    fragment = request_fragment(cls(b"", *values))
-    assert fragment.startswith(prefix)
-    frag = (
-        fragment[len(prefix):]
-        + ',"decision":' + _quote(d.outcome)
-        + ',"rule":' + ("null" if d.rule is None else _quote(d.rule))
-        + ',"reason":' + _quote(d.reason)
-    )
-    return _OUTCOMES[d.outcome], d.errno, frag.encode("ascii"), 2 * len(d.reason)
-
-
 cdef inline int _err(int e) noexcept nogil:
     return e if e else EIO
 
@@ -225,6 +162,14 @@ cdef int _shape(uint32_t rtype) noexcept nogil:
     return SHAPE_PAYLOAD
 
 
+_quote = _writer.quote
+# The signals whose Python handlers the loop wraps (see fastloop_c.h): reload, reopen, interrupt.
+_WRAPPED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGINT)
+
+include "fastloop_table.pxi"
+include "fastloop_trail.pxi"
+
+
 cdef uint32_t _SERVED_MASK = 0
 for _t in _SERVED:
     _SERVED_MASK |= 1 << _t
@@ -233,62 +178,32 @@ for _t in _SERVED:
 cdef class CompiledLoop:
     """Serves one connection (``Server.sock``) with ``Server``'s policy, executor fds and trail."""
 
-    cdef object server, decoder, writer, policy, stats
-    cdef int sock_fd, root_fd, proc_fd, wakeup_fd, trail_fd
+    cdef object server, decoder, stats
+    cdef DecisionTable table
+    cdef TrailRecorder trail      # None without a trail
+    cdef int sock_fd, root_fd, proc_fd, wakeup_fd
     cdef uint32_t host_euid, host_egid
     cdef gw_fsids ids             # CREATE's switch to the guest's ids (its capability sets kept)
     cdef int valid_open_flags, name_only_flags, tmpfile_bits
-    cdef bint getversion_supported, fast_ok, record_ok, has_trail, compiled_requests
-    cdef bint owned               # the trail's state is C's (since _pull), not yet handed back
+    cdef bint getversion_supported, fast_ok, compiled_requests
     cdef unsigned char *rbuf
     cdef Py_ssize_t rpos, rend
-    cdef char *line
-    cdef unsigned char *key
     cdef char canon[PATH_MAX + 2]
     cdef Py_ssize_t canon_len, name_off, raw_off, raw_len, tail_off, tail_len
-    # the trail's state while C serves
-    cdef uint64_t seq
-    cdef char prev[65]
-    cdef int64_t size, reserved_end
-    cdef double last_sync, interval
-    cdef int sync_mode            # 0 never, 1 every, 2 interval
-    cdef bytes head
-    cdef int64_t tsec
-    cdef char tprefix[40]
-    cdef Py_ssize_t tprefix_len
-    cdef Py_ssize_t record_fixed, lifecycle_room, escaped
     # counters handed to ServeStats
     cdef uint64_t requests, denied
-    # the decision table
-    cdef Slot *slots
-    cdef Py_ssize_t used
-    cdef Entry *entries
-    cdef int n_entries
-    cdef list _frags
-    cdef dict _entry_of
-    cdef list op_frag             # per request type: '"op":"lstat","path":"'
-    cdef list result_text         # per errno below 256: '"ok"', '"ENOENT"', ...
     # what this loop served and handed over (tests and benchmarks read them)
-    cdef public uint64_t served, handed, decisions_computed
+    cdef public uint64_t served, handed
     # set by Server.request_reload/request_reopen (from a signal handler): act between two requests
     cdef public bint signalled
 
     def __cinit__(self) -> None:
         self.rbuf = <unsigned char *> malloc(RBUF)
-        self.line = <char *> malloc(LINE_CAP)
-        self.key = <unsigned char *> malloc(KEY_MAX)
-        self.slots = <Slot *> calloc(SLOTS, sizeof(Slot))
-        self.entries = <Entry *> calloc(MAX_ENTRIES, sizeof(Entry))
-        if not self.rbuf or not self.line or not self.key or not self.slots or not self.entries:
+        if not self.rbuf:
             raise MemoryError()
 
     def __dealloc__(self) -> None:
-        self._clear_table()
         free(self.rbuf)
-        free(self.line)
-        free(self.key)
-        free(self.slots)
-        free(self.entries)
 
     def __init__(self, server: object, *, compiled_requests: bool = True) -> None:
         self.server = server
@@ -305,141 +220,38 @@ cdef class CompiledLoop:
         self.valid_open_flags = _executor._VALID_OPEN_FLAGS
         self.name_only_flags = _executor._NAME_ONLY_FLAGS
         self.tmpfile_bits = O_TMPFILE & ~O_DIRECTORY
-        self.writer = server.audit
-        self.has_trail = self.writer is not None
+        self.table = DecisionTable()
+        self.trail = None if server.audit is None else TrailRecorder(server.audit, _SERVED)
         self.rpos = self.rend = 0
-        self._frags = []
-        self._entry_of = {}
-        self.n_entries = 0
-        self.used = 0
-        self.tsec = -1
-        self.record_fixed = _writer._RECORD_FIXED
-        self.lifecycle_room = _writer.LIFECYCLE_ROOM
-        self.escaped = _writer._ESCAPED
-        self.op_frag = [b""] * 32
-        for t in _SERVED:
-            self.op_frag[t] = ('"op":' + _quote(OP_NAMES[p.RequestType(t)]) + ',"path":"').encode("ascii")
-        self.result_text = [_quote(errno_name(c) if c else "ok").encode("ascii") for c in range(256)]
-        self.served = self.handed = self.decisions_computed = 0
+        self.served = self.handed = 0
         self._pull()
+
+    @property
+    def decisions_computed(self) -> int:
+        """How many decisions the Python engine computed for the table (the rest were found in it)."""
+        return self.table.computed
 
     # -- state shared with the Python pipeline -------------------------------------------------------
 
     cdef int _pull(self) except -1:
         """After Python code ran: the policy, the server's limits and the trail's state, taken again."""
         server = self.server
-        if server.policy is not self.policy:
-            self.policy = server.policy
-            self._clear_table()
+        self.table.set_policy(server.policy)
         self.fast_ok = self.compiled_requests and server.ids is None and server.rate is None
         self.ids.cached = 0  # Python code ran: capget again before the next switch
-        self.record_ok = True
-        self.owned = True
-        if self.has_trail:
-            w = self.writer
-            self.record_ok = (
-                w._failed is None and w._fd >= 0 and not w._first_extra and not w.notes
-                and w._syslog is None and w._console is None
-            )
-            self.seq = w._seq
-            prev = w._prev.encode("ascii")
-            if len(prev) != 64:
-                raise ValueError("the trail's chain head is not a sha256")
-            memcpy(self.prev, PyBytes_AS_STRING(prev), 64)
-            self.prev[64] = 0
-            self.size = w._size
-            self.reserved_end = w._reserved_end
-            self.trail_fd = w._fd
-            self.interval = w.interval
-            self.last_sync = w._last_sync
-            self.sync_mode = {"never": 0, "every": 1, "interval": 2}[w._sync]
-            self.head = w._head.encode("ascii")
+        if self.trail is not None:
+            self.trail.pull()
         return 0
 
     cdef int _push(self) except -1:
-        """Before Python code runs: the trail's state and the counters handed back. Only once per
-        _pull: after it, the writer's state is the one in force (Python may have written records)."""
-        if not self.owned:
-            return 0
-        self.owned = False
-        if self.has_trail:
-            w = self.writer
-            w._seq = self.seq
-            w._prev = PyBytes_FromStringAndSize(self.prev, 64).decode("ascii")
-            w._size = self.size
-            w._last_sync = self.last_sync
+        """Before Python code runs: the trail's state and the counters handed back."""
+        if self.trail is not None:
+            self.trail.push()
         if self.requests or self.denied:
             self.stats.requests += self.requests
             self.stats.denied += self.denied
             self.requests = self.denied = 0
         return 0
-
-    # -- the decision table --------------------------------------------------------------------------
-
-    cdef void _clear_table(self) noexcept:
-        cdef Py_ssize_t i
-        if self.slots:
-            for i in range(SLOTS):
-                if self.slots[i].key:
-                    free(self.slots[i].key)
-                    self.slots[i].key = NULL
-        self.used = 0
-        self.n_entries = 0
-        if self._frags is not None:
-            self._frags.clear()
-            self._entry_of.clear()
-
-    cdef int _decision(self, uint32_t rtype) except -2:
-        """The entry deciding this request (op, fixed fields, canonical path): from the table, else
-        computed once by the engine. -1: a rule needs the object (the pipeline decides)."""
-        cdef Py_ssize_t keylen = 1 + self.tail_len + self.canon_len
-        cdef unsigned char *k = self.key
-        k[0] = <unsigned char> rtype
-        memcpy(k + 1, self.rbuf + self.tail_off, self.tail_len)
-        memcpy(k + 1 + self.tail_len, self.canon, self.canon_len)
-        cdef uint64_t h = gw_fnv1a(k, keylen, 14695981039346656037ULL)
-        cdef Py_ssize_t mask = SLOTS - 1
-        cdef Py_ssize_t i = <Py_ssize_t> (h & mask)
-        cdef Slot *s
-        while True:
-            s = &self.slots[i]
-            if s.key == NULL:
-                break
-            if s.hash == h and s.keylen == keylen and memcmp(s.key, k, keylen) == 0:
-                return s.entry
-            i = (i + 1) & mask
-        # Not known: the engine decides, once.
-        if self.n_entries >= MAX_ENTRIES or self.used >= SLOTS * 3 // 4:
-            self._clear_table()
-            return self._decision(rtype)
-        self.decisions_computed += 1
-        got = request_decision(
-            self.policy, rtype, PyBytes_FromStringAndSize(self.canon, self.canon_len),
-            PyBytes_FromStringAndSize(<char *> self.rbuf + self.tail_off, self.tail_len),
-        )
-        if got is None:
-            return -1
-        outcome, err, frag, weight = got
-        idx = self._entry_of.get(frag)
-        if idx is None:
-            idx = self.n_entries
-            self.n_entries += 1
-            self._frags.append(frag)
-            self._entry_of[frag] = idx
-            self.entries[idx].outcome = outcome
-            self.entries[idx].err = err
-            self.entries[idx].frag = PyBytes_AS_STRING(frag)
-            self.entries[idx].fraglen = PyBytes_GET_SIZE(frag)
-            self.entries[idx].weight = weight
-        s.key = <char *> malloc(keylen)
-        if s.key == NULL:
-            return <int> idx  # decided, just not kept
-        memcpy(s.key, k, keylen)
-        s.hash = h
-        s.keylen = <uint32_t> keylen
-        s.entry = <int> idx
-        self.used += 1
-        return <int> idx
 
     # -- the loop ------------------------------------------------------------------------------------
 
@@ -611,7 +423,7 @@ cdef class CompiledLoop:
     cdef int _serve_fast(self, uint32_t rtype, Py_ssize_t start, uint32_t size) except -1:
         cdef int64_t t0 = gw_mono_ns()
         cdef int dirfd = -1, fd = -1, out_fd = -1, err = 0, r, idx, flags = 0, kind, shape
-        cdef Py_ssize_t need, payload_len = 0
+        cdef Py_ssize_t payload_len = 0
         cdef uint64_t version = 0
         cdef uint32_t uid = 0, gid = 0, mode = 0
         cdef ssize_t n
@@ -620,7 +432,7 @@ cdef class CompiledLoop:
         cdef unsigned char tail_buf[32]
         if not self._canonical(start, size, _tail_size(rtype)):
             return HANDED
-        if self.has_trail and not self.record_ok:
+        if self.trail is not None and not self.trail.ok:
             return HANDED
         if self.tail_len:
             memcpy(tail_buf, self.rbuf + self.tail_off, self.tail_len)
@@ -666,18 +478,16 @@ cdef class CompiledLoop:
             elif rtype == T_CREATE:
                 return HANDED
         # Decide.
-        idx = self._decision(rtype)
+        idx = self.table.find(rtype, self.rbuf + self.tail_off, self.tail_len, self.canon, self.canon_len)
         if idx < 0:
             self._close_dir(dirfd)
             if fd >= 0:
                 close(fd)
             return HANDED
-        entry = &self.entries[idx]
+        entry = self.table.entry(idx)
         # Room for the record, before anything is performed (the writer's reserve()).
-        if self.has_trail:
-            need = (self.record_fixed + 2 * PyBytes_GET_SIZE(self.head)
-                    + self.escaped * (self.raw_len + entry.weight + self.canon_len) + self.lifecycle_room)
-            if self.size + need > self.reserved_end:
+        if self.trail is not None:
+            if not self.trail.has_room(self.raw_len + entry.weight + self.canon_len, entry.fraglen):
                 self._close_dir(dirfd)
                 if fd >= 0:
                     close(fd)
@@ -762,8 +572,9 @@ cdef class CompiledLoop:
             payload_len = 0
         self.requests += 1
         # Record, before the reply.
-        if self.has_trail:
-            if self._record(rtype, entry, err, t0) < 0:
+        if self.trail is not None:
+            if self.trail.record(rtype, <char *> self.rbuf + self.raw_off, self.raw_len, self.canon,
+                                 self.canon_len, entry, err, t0) < 0:
                 err = EIO
                 payload_len = 0
                 if out_fd >= 0:
@@ -833,122 +644,6 @@ cdef class CompiledLoop:
             data += k
             n -= k
         return True
-
-    cdef int _record(self, uint32_t rtype, Entry *entry, int err, int64_t t0) except -2:
-        """The request's record, composed as AuditWriter.request composes it, hashed, written.
-        -1: not written (the writer has failed and says why); the reply is then EIO."""
-        cdef char *o = self.line
-        cdef Py_ssize_t k
-        cdef int64_t us = gw_real_us()
-        cdef int64_t sec = us // 1000000
-        cdef bytes head = self.head
-        cdef bytes opf = self.op_frag[rtype]
-        cdef bytes res = self.result_text[err if 0 <= err < 256 else 0]
-        cdef ssize_t written
-        if err >= 256:
-            res = _quote(errno_name(err)).encode("ascii")
-        if sec != self.tsec:
-            self.tsec = sec
-            self.tprefix_len = gw_time_prefix(sec, self.tprefix, sizeof(self.tprefix))
-        k = snprintf(o, 64, '{"seq":%llu,"time":"', <unsigned long long> self.seq)
-        o += k
-        memcpy(o, self.tprefix, self.tprefix_len)
-        o += self.tprefix_len
-        k = snprintf(o, 16, '%06lld', <long long> (us % 1000000))
-        o += k
-        memcpy(o, 'Z"', 2)
-        o += 2
-        memcpy(o, PyBytes_AS_STRING(head), PyBytes_GET_SIZE(head))
-        o += PyBytes_GET_SIZE(head)
-        memcpy(o, ',"event":"request",', 19)
-        o += 19
-        memcpy(o, PyBytes_AS_STRING(opf), PyBytes_GET_SIZE(opf))
-        o += PyBytes_GET_SIZE(opf)
-        memcpy(o, self.rbuf + self.raw_off, self.raw_len)
-        o += self.raw_len
-        o[0] = 0x22
-        o += 1
-        memcpy(o, entry.frag, entry.fraglen)
-        o += entry.fraglen
-        memcpy(o, ',"result":', 10)
-        o += 10
-        memcpy(o, PyBytes_AS_STRING(res), PyBytes_GET_SIZE(res))
-        o += PyBytes_GET_SIZE(res)
-        memcpy(o, ',"us":', 6)
-        o += 6
-        o += gw_us_text(gw_mono_ns() - t0, o, 32)
-        if self.raw_len != self.canon_len or memcmp(self.rbuf + self.raw_off, self.canon, self.canon_len):
-            memcpy(o, ',"resolved":"', 13)
-            o += 13
-            memcpy(o, self.canon, self.canon_len)
-            o += self.canon_len
-            o[0] = 0x22
-            o += 1
-        memcpy(o, ',"prev":"', 9)
-        o += 9
-        memcpy(o, self.prev, 64)
-        o += 64
-        o[0] = 0x22
-        o[1] = 0x7D  # }
-        cdef Py_ssize_t line_len = (o - self.line) + 2
-        o[2] = 0x0A
-        if self.size + line_len + 1 + self.lifecycle_room > self.reserved_end:
-            # Never met (reserve's bound is above every record's length), but the writer's own rule
-            # holds: no write is started that allocated room does not cover.
-            self._push()
-            try:
-                self.writer._ensure_room(line_len + 1 + self.lifecycle_room)
-            except OSError as exc:
-                self._pull()
-                log.error("audit record not written (%s): answering EIO", exc)
-                return -1
-            self._pull()
-        written = write(self.trail_fd, self.line, line_len + 1)
-        if written < 0:
-            return self._record_failed(errno, None)
-        self.size += written
-        if written != line_len + 1:
-            # A short write (not for space: it was reserved): the writer finishes it, or fails.
-            self._push()
-            try:
-                self.writer._write_all(PyBytes_FromStringAndSize(self.line, line_len + 1), written)
-            except OSError as exc:
-                self._pull()
-                log.error("audit record not written (%s): answering EIO", exc)
-                return -1
-            self._pull()
-        if gw_sha256_hex(<unsigned char *> self.line, line_len, self.prev) < 0:
-            return self._record_failed(EIO, "sha256 failed")
-        self.seq += 1
-        if self.sync_mode:
-            return self._sync()
-        return 0
-
-    cdef int _sync(self) except -2:
-        cdef double mono = gw_mono_ns() / 1e9
-        if self.sync_mode == 1 or mono - self.last_sync >= self.interval:
-            if fdatasync(self.trail_fd) < 0:
-                e = errno
-                self._push()
-                why = f"audit sync of {self.writer.path} failed: {os.strerror(e)}"
-                self.writer._fail(why)
-                self._pull()
-                log.error("audit record not written ([Errno %d] %s): answering EIO", e, why)
-                return -1
-            self.last_sync = mono
-        return 0
-
-    cdef int _record_failed(self, int e, object why) except -2:
-        """The record's write failed before any byte reached the file: the writer latches (as its own
-        request() does), the reply is EIO."""
-        self._push()
-        if why is None:
-            why = f"audit write to {self.writer.path} failed: {os.strerror(e)}"
-        self.writer._fail(why)
-        self._pull()
-        log.error("audit record not written ([Errno %d] %s): answering EIO", e, why)
-        return -1
-
 
 def build_info() -> dict[str, str]:
     """Which build of the data plane is serving, for the start record: this module is only ever a C
