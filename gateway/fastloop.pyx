@@ -18,7 +18,9 @@ which its answer is already known to be the pipeline's, and hands over everythin
   until the policy changes;
 * the common forms: OPEN without O_CREAT or O_NOFOLLOW, CREATE of a name that does not exist (with
   O_CREAT, ids that are not -1, no O_DIRECTORY or O_TMPFILE);
-* no id map, no rate limit, and a trail in its plain state (no notes pending, no syslog or console
+* no rate limit; with an id map (policy ``ids:``), no CREATE (the pipeline maps its owner and records
+  the host's ids), and LSTAT's owner shown through the map as the pipeline shows it;
+* a trail in its plain state (no notes pending, no syslog or console
   copies): the record is composed here, byte for byte as the writer composes it, hashed with
   OpenSSL's SHA-256 and written with one write(2) into room reserved beforehand.
 
@@ -186,6 +188,12 @@ cdef class CompiledLoop:
     cdef gw_fsids ids             # CREATE's switch to the guest's ids (its capability sets kept)
     cdef int valid_open_flags, name_only_flags, tmpfile_bits
     cdef bint getversion_supported, fast_ok, compiled_requests
+    # The tenant's id map (policy ids:), or None: LSTAT's owner shown as the guest's ids, CREATE handed
+    # over (its record names the host ids). A small cache per direction, filled by the map itself.
+    cdef object id_map
+    cdef uint32_t id_host[2][64]
+    cdef uint32_t id_guest[2][64]
+    cdef uint64_t id_known[2]
     cdef unsigned char *rbuf
     cdef Py_ssize_t rpos, rend
     cdef char canon[PATH_MAX + 2]
@@ -237,7 +245,11 @@ cdef class CompiledLoop:
         """After Python code ran: the policy, the server's limits and the trail's state, taken again."""
         server = self.server
         self.table.set_policy(server.policy)
-        self.fast_ok = self.compiled_requests and server.ids is None and server.rate is None
+        self.fast_ok = self.compiled_requests and server.rate is None
+        id_map = None if server.ids is None else server.ids.ids
+        if id_map is not self.id_map:
+            self.id_map = id_map
+            self.id_known[0] = self.id_known[1] = 0
         self.ids.cached = 0  # Python code ran: capget again before the next switch
         if self.trail is not None:
             self.trail.pull()
@@ -443,6 +455,8 @@ cdef class CompiledLoop:
             if flags & (O_CREAT | O_NOFOLLOW):
                 return HANDED  # Form.CREATE or Form.NOFOLLOW: the pipeline's
         if rtype == T_CREATE:
+            if self.id_map is not None:
+                return HANDED  # the pipeline maps the owner to the host's ids and records both
             flags = <int> gw_get32(tail_buf)
             mode = gw_get32(tail_buf + 4)
             uid = gw_get32(tail_buf + 8)
@@ -580,6 +594,10 @@ cdef class CompiledLoop:
                 if out_fd >= 0:
                     close(out_fd)
                     out_fd = -1
+        if rtype == T_LSTAT and not err and self.id_map is not None:
+            # IdTranslator.stat_payload_to_guest: the owner as the guest sees it.
+            gw_put32(reply + 8 + 28, self._guest_id(gw_get32(reply + 8 + 28), 0))
+            gw_put32(reply + 8 + 32, self._guest_id(gw_get32(reply + 8 + 32), 1))
         # Reply.
         if shape == SHAPE_FD:
             if out_fd >= 0:
@@ -600,6 +618,18 @@ cdef class CompiledLoop:
             gw_put32(reply, 0)
             gw_put32(reply + 4, <uint32_t> payload_len)
         return SERVED if self._send_all(reply, 8 + payload_len) else END
+
+    cdef uint32_t _guest_id(self, uint32_t host, int group) except? 0xFFFFFFFF:
+        """A host uid (group 0) or gid (group 1) as the guest sees it, through the policy's id map."""
+        cdef int slot = host & 63
+        cdef uint64_t bit = (<uint64_t> 1) << slot
+        if self.id_known[group] & bit and self.id_host[group][slot] == host:
+            return self.id_guest[group][slot]
+        guest = self.id_map.gid_to_guest(host) if group else self.id_map.uid_to_guest(host)
+        self.id_host[group][slot] = host
+        self.id_guest[group][slot] = <uint32_t> guest
+        self.id_known[group] |= bit
+        return <uint32_t> guest
 
     cdef int _tmpfile_errno(self, int flags) noexcept:
         # Executor._check_open_flags: O_TMPFILE needs all its bits and write access, else EINVAL.

@@ -796,12 +796,27 @@ rules:
 """
 
 
+# An id map without limits: host uid/gid 1000 (GUEST) shows as 5000 to the guest, root as the squash id.
+IDS_POLICY = """\
+version: 1
+tenant: eq-ids
+default: allow
+ids:
+  uid:
+    - {guest: 5000, host: 1000, count: 10}
+  gid:
+    - {guest: 5000, host: 1000, count: 10}
+  unmapped: squash
+"""
+
+
 @pytest.fixture(scope="module")
 def guard_policies(policies: dict[str, Policy]) -> dict[str, Policy]:
     return {
         **policies,
         "guards": load_policy_bytes(GUARD_POLICY.encode(), "guards.yaml"),
         "mapped": load_policy(ROOT / "policies" / "mapped-tenant.yaml"),
+        "ids": load_policy_bytes(IDS_POLICY.encode(), "ids.yaml"),
     }
 
 
@@ -890,6 +905,9 @@ SERVED_IN_C = {
     "just under PATH_MAX": (p.Lstat(_long(b"/d/f", 4095)), "allow-all"),
     "a deny on the path": (p.Lstat(b"/d/f"), "guards"),
     "a decision without the object": (p.Lstat(b"/d"), "guards"),
+    "an id map: the owner shown mapped": (p.Lstat(b"/d/sub"), "ids"),
+    "an id map: root shown squashed": (p.Lstat(b"/d/f"), "ids"),
+    "an id map: no owner in the reply": (p.Statfs(b"/d"), "ids"),
 }
 
 
@@ -913,6 +931,18 @@ def test_plain_inputs_are_served_in_c(
     s = session(filesystems, guard_policies[policy], [(frame(request, how), request.type)], where=where)
     assert (s.ended["compiled"].served, s.ended["compiled"].handed) == (1, 0), s.ended["compiled"]
     assert_alike(s)
+
+
+def test_a_create_under_an_id_map_is_the_pipelines(
+    filesystems: dict[str, str], guard_policies: dict[str, Policy]
+) -> None:
+    """Under an id map a CREATE's owner is mapped to the host's ids and its record names both: only the
+    pipeline does that. (A mutation: the two servers share the export, so only the counts compare.)"""
+    request = p.Create(b"/d/new", os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644, 5000, 5000)
+    s = session(filesystems, guard_policies["ids"], [(frame(request, "qemu"), request.type)])
+    assert (s.ended["compiled"].served, s.ended["compiled"].handed) == (0, 1), s.ended["compiled"]
+    created = [r for r in s.records["compiled"] if r.get("op") == "create"]
+    assert created and created[0]["host_uid"] == 1000 and created[0]["result"] == "ok", created
 
 
 def test_served_in_c_without_a_trail(filesystems: dict[str, str], policies: dict[str, Policy]) -> None:
