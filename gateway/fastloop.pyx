@@ -172,6 +172,7 @@ include "fastloop_table.pxi"
 include "fastloop_trail.pxi"
 
 
+SERVED_TYPES = frozenset(_SERVED)  # the request types the compiled loop can serve itself
 cdef uint32_t _SERVED_MASK = 0
 for _t in _SERVED:
     _SERVED_MASK |= 1 << _t
