@@ -65,6 +65,7 @@ cdef extern from "fastloop_c.h" nogil:
     void gw_put32(unsigned char *out, uint32_t v)
     void gw_put64(unsigned char *out, uint64_t v)
     uint32_t gw_get32(const unsigned char *data)
+    uint64_t gw_get64(const unsigned char *data)
     int gw_lstat_at(int dirfd, const char *name, unsigned char *payload)
     int gw_statfs_payload(int fd, unsigned char *out)
     int gw_fd_type(int fd)
@@ -89,6 +90,7 @@ cdef extern from "fastloop_c.h" nogil:
     int gw_signals_seen(int sock)
     int O_PATH, O_CLOEXEC, O_DIRECTORY, O_RDONLY, O_NONBLOCK, O_NOFOLLOW, O_CREAT, O_EXCL, O_NOCTTY
     int O_TMPFILE, S_IFDIR, S_IFLNK, AT_SYMLINK_NOFOLLOW
+    uint64_t UTIME_OMIT
     int openat(int dirfd, const char *path, int flags)
     int close(int fd)
     int fstatat(int dirfd, const char *name, void *st, int flags)
@@ -455,6 +457,10 @@ cdef class CompiledLoop:
             flags = <int> gw_get32(tail_buf)
             if flags & (O_CREAT | O_NOFOLLOW):
                 return HANDED  # Form.CREATE or Form.NOFOLLOW: the pipeline's
+        if rtype == T_UTIME and gw_get64(tail_buf + 8) == UTIME_OMIT and gw_get64(tail_buf + 24) == UTIME_OMIT:
+            # utimensat answers 0 for two omitted times before it looks the name up; the pipeline acts on
+            # the object it resolved, so a missing name is ENOENT there: its answer, not the kernel's.
+            return HANDED
         if rtype == T_CREATE:
             if self.id_map is not None:
                 return HANDED  # the pipeline maps the owner to the host's ids and records both
