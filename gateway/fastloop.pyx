@@ -277,10 +277,10 @@ cdef class CompiledLoop:
         cdef Py_ssize_t avail, frame
         cdef ssize_t n
         cdef int r
-        for sig in _WRAPPED_SIGNALS:
-            if gw_wrap_signal(sig, self.sock_fd) < 0:
-                raise OSError(errno, f"sigaction({sig}): {os.strerror(errno)}")
         try:
+            for sig in _WRAPPED_SIGNALS:
+                if gw_wrap_signal(sig, self.sock_fd) < 0:
+                    raise OSError(errno, f"sigaction({sig}): {os.strerror(errno)}")
             while True:
                 avail = self.rend - self.rpos
                 if avail >= 8:
@@ -455,8 +455,10 @@ cdef class CompiledLoop:
         # Resolve once (gateway/core/resolve.py's forms, for the shapes served here).
         if rtype == T_OPEN:
             flags = <int> gw_get32(tail_buf)
-            if flags & (O_CREAT | O_NOFOLLOW):
-                return HANDED  # Form.CREATE or Form.NOFOLLOW: the pipeline's
+            if flags & (O_CREAT | O_NOFOLLOW | self.tmpfile_bits):
+                # Form.CREATE or Form.NOFOLLOW, or O_TMPFILE (whose EINVAL comes before the resolution's
+                # errno in Executor._open_or_create): the pipeline's
+                return HANDED
         if rtype == T_UTIME and gw_get64(tail_buf + 8) == UTIME_OMIT and gw_get64(tail_buf + 24) == UTIME_OMIT:
             # utimensat answers 0 for two omitted times before it looks the name up; the pipeline acts on
             # the object it resolved, so a missing name is ENOENT there: its answer, not the kernel's.
@@ -499,7 +501,13 @@ cdef class CompiledLoop:
             elif rtype == T_CREATE:
                 return HANDED
         # Decide.
-        idx = self.table.find(rtype, self.rbuf + self.tail_off, self.tail_len, self.canon, self.canon_len)
+        try:
+            idx = self.table.find(rtype, self.rbuf + self.tail_off, self.tail_len, self.canon, self.canon_len)
+        except BaseException:  # the engine raised (a bug, or KeyboardInterrupt): nothing left open
+            self._close_dir(dirfd)
+            if fd >= 0:
+                close(fd)
+            raise
         if idx < 0:
             self._close_dir(dirfd)
             if fd >= 0:
@@ -564,19 +572,16 @@ cdef class CompiledLoop:
             elif rtype == T_OPEN:
                 flags &= self.valid_open_flags
                 kind = gw_fd_type(fd)
-                if flags & self.tmpfile_bits:
-                    err = self._tmpfile_errno(flags)  # what Executor._check_open_flags says
-                if not err:
-                    if kind < 0:
+                if kind < 0:
+                    err = _err(errno)
+                elif flags & O_DIRECTORY and kind != S_IFDIR:
+                    err = ENOTDIR
+                elif not gw_openable_type(kind):
+                    err = ENXIO
+                else:
+                    out_fd = gw_reopen(self.proc_fd, fd, flags & ~self.name_only_flags)
+                    if out_fd < 0:
                         err = _err(errno)
-                    elif flags & O_DIRECTORY and kind != S_IFDIR:
-                        err = ENOTDIR
-                    elif not gw_openable_type(kind):
-                        err = ENXIO
-                    else:
-                        out_fd = gw_reopen(self.proc_fd, fd, flags & ~self.name_only_flags)
-                        if out_fd < 0:
-                            err = _err(errno)
             elif rtype == T_CREATE:
                 flags &= self.valid_open_flags
                 if gw_fsids_enter(&self.ids, uid, gid, self.host_euid, self.host_egid) < 0:
@@ -594,8 +599,14 @@ cdef class CompiledLoop:
         self.requests += 1
         # Record, before the reply.
         if self.trail is not None:
-            if self.trail.record(rtype, <char *> self.rbuf + self.raw_off, self.raw_len, self.canon,
-                                 self.canon_len, entry, err, t0) < 0:
+            try:
+                r = self.trail.record(rtype, <char *> self.rbuf + self.raw_off, self.raw_len, self.canon,
+                                      self.canon_len, entry, err, t0)
+            except BaseException:
+                if out_fd >= 0:
+                    close(out_fd)
+                raise
+            if r < 0:
                 err = EIO
                 payload_len = 0
                 if out_fd >= 0:
@@ -637,12 +648,6 @@ cdef class CompiledLoop:
         self.id_guest[group][slot] = <uint32_t> guest
         self.id_known[group] |= bit
         return <uint32_t> guest
-
-    cdef int _tmpfile_errno(self, int flags) noexcept:
-        # Executor._check_open_flags: O_TMPFILE needs all its bits and write access, else EINVAL.
-        if flags & O_TMPFILE != O_TMPFILE or flags & 3 == 0:
-            return EINVAL
-        return 0
 
     cdef inline void _close_dir(self, int dirfd) noexcept:
         if dirfd >= 0 and dirfd != self.root_fd:

@@ -88,7 +88,10 @@ cdef class TrailRecorder:
         the canonical path and twice the reason, in characters) fits in the room allocated past the end
         of the file. False: the pipeline reserves (fallocate) or refuses. A record too long for the
         line buffer goes to the pipeline too."""
-        if texts + fraglen + 1024 > LINE_CAP:
+        # Everything the line holds but its fixed keys (a few hundred bytes): the head (tenant, policy),
+        # the path, the canonical path, the fragment (fields, rule, reason). texts counts the reason
+        # twice, so this is an upper bound; composing never passes the buffer's end.
+        if texts + fraglen + PyBytes_GET_SIZE(self.head) + 1024 > LINE_CAP:
             return False
         return self.size + self.record_fixed + 2 * PyBytes_GET_SIZE(self.head) + self.escaped * texts \
             + self.lifecycle_room <= self.reserved_end
@@ -110,6 +113,9 @@ cdef class TrailRecorder:
         if sec != self.tsec:
             self.tsec = sec
             self.tprefix_len = gw_time_prefix(sec, self.tprefix, sizeof(self.tprefix))
+            if self.tprefix_len <= 0:  # no clock reading can make gmtime fail; still, never a bad length
+                self.tsec = -1
+                return self._failed(EIO, "the record's time could not be formatted")
         k = snprintf(o, 64, '{"seq":%llu,"time":"', <unsigned long long> self.seq)
         o += k
         memcpy(o, self.tprefix, self.tprefix_len)
@@ -164,6 +170,8 @@ cdef class TrailRecorder:
                 return -1
             self.pull()
         written = write(self.fd, self.line, line_len + 1)
+        while written < 0 and errno == EINTR:  # a signal while a full pipe blocked the write: retry
+            written = write(self.fd, self.line, line_len + 1)
         if written < 0:
             return self._failed(errno, None)
         self.size += written
@@ -186,8 +194,12 @@ cdef class TrailRecorder:
 
     cdef int _sync(self) except -2:
         cdef double mono = gw_mono_ns() / 1e9
+        cdef int r
         if self.sync_mode == 1 or mono - self.last_sync >= self.interval:
-            if fdatasync(self.fd) < 0:
+            r = fdatasync(self.fd)
+            while r < 0 and errno == EINTR:
+                r = fdatasync(self.fd)
+            if r < 0:
                 e = errno
                 self.push()
                 why = f"audit sync of {self.writer.path} failed: {os.strerror(e)}"

@@ -912,6 +912,7 @@ HANDED_OVER = {
     "a rule that needs the object (statfs)": (p.Statfs(b"/d/sub"), "guards"),
     "a rule that needs the object (object policy)": (p.Getversion(b"/a"), "object"),
     "an id map and a rate limit": (p.Lstat(b"/d/f"), "mapped"),
+    "O_TMPFILE on a missing parent": (p.Open(b"/nope/x", os.O_TMPFILE | os.O_RDWR), "allow-all"),
 }
 
 SERVED_IN_C = {
@@ -967,6 +968,20 @@ def test_a_create_under_an_id_map_is_the_pipelines(
     assert (s.ended["compiled"].served, s.ended["compiled"].handed) == (0, 1), s.ended["compiled"]
     created = [r for r in s.records["compiled"] if r.get("op") == "create"]
     assert created and created[0]["host_uid"] == 1000 and created[0]["result"] == "ok", created
+
+
+def test_a_long_tenant_name_never_overruns_the_record(
+    filesystems: dict[str, str], policies: dict[str, Policy]
+) -> None:
+    """The record's head (tenant, policy) counts against the line buffer: a tenant of ~31 KB and a
+    ~4 KB path once overran it (SIGSEGV). Such a record is the pipeline's; short ones stay in C."""
+    policy = load_policy_bytes(f"version: 1\ntenant: {'x' * 31000}\ndefault: allow\n".encode(), "long.yaml")
+    long_path = _long(b"/d/f", 4000)
+    frames = [(frame(r, "qemu"), r.type) for r in (p.Lstat(b"/d/f"), p.Lstat(long_path), p.Lstat(b"/d"))]
+    s = session(filesystems, policy, frames)
+    assert s.ended["compiled"].end == "client closed the connection", s.ended["compiled"]
+    assert s.ended["compiled"].handed >= 1, s.ended["compiled"]
+    assert_alike(s)
 
 
 def test_served_in_c_without_a_trail(filesystems: dict[str, str], policies: dict[str, Policy]) -> None:
