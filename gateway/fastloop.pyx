@@ -13,9 +13,8 @@ which its answer is already known to be the pipeline's, and hands over everythin
   name or a non-directory, where the pipeline's ``heading`` is the normalised path too);
 * a decision that needs nothing but the request itself: decided by the Python engine the first time
   (with a lookup that refuses to answer: a rule that needs the object sends the request to the
-  pipeline; for a CREATE of a name that is not there, the lookup answers "no object", as the
-  pipeline's does), then kept in a table keyed by (op, the request's fixed fields, canonical path)
-  until the policy changes;
+  pipeline, which records the object facts it decided on), then kept in a table keyed by (op, the
+  request's fixed fields, canonical path) until the policy changes;
 * the common forms: OPEN without O_CREAT or O_NOFOLLOW, CREATE of a name that does not exist (with
   O_CREAT, ids that are not -1, no O_DIRECTORY or O_TMPFILE);
 * no rate limit; with an id map (policy ``ids:``), no CREATE (the pipeline maps its owner and records

@@ -23,8 +23,6 @@ def _no_lookup(_path: str) -> object:
     raise NeedsObject
 
 
-def _absent(_path: str) -> object:
-    return None  # a CREATE served here names nothing that exists (checked before deciding)
 
 
 # Per request type served here: its class, the struct of its fixed fields after the path (the frame's
@@ -45,7 +43,9 @@ def request_decision(policy: object, rtype: int, path: bytes, fields: bytes) -> 
     cls, tail = _CLASSES[rtype]
     values = tail.unpack(fields)
     try:
-        d = decide(cls(path, *values), policy, _absent if rtype == T_CREATE else _no_lookup)
+        # Any rule that asks for the object sends the request to the pipeline, which records the
+        # object facts the decision used (also "none there" for a CREATE of a new name).
+        d = decide(cls(path, *values), policy, _no_lookup)
     except NeedsObject:
         return None
     prefix = '"op":' + _quote(OP_NAMES[p.RequestType(rtype)]) + ',"path":""'

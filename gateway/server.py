@@ -25,8 +25,9 @@ from gateway.audit import TrailFailed
 from gateway.core.executor import Executor, Result
 from gateway.core.resolve import Resolution
 from gateway.fastloop import CompiledLoop
-from gateway.names import errno_name
+from gateway.names import FILE_TYPE_NAMES, errno_name, mode_text
 from gateway.rules import Decision, Policy, decide
+from gateway.rules.model import ObjectAttrs
 from gateway.tenancy import IdTranslator, RateLimiter, Refused, check_truncate
 
 if TYPE_CHECKING:
@@ -45,6 +46,39 @@ _REQUEST_CLASSES = frozenset(cls for cls, _codes in p.LAYOUTS.values())
 # Reply shape per request type, computed once (reply_shape is two set lookups and a call per reply).
 _SHAPES = {rtype: p.reply_shape(rtype) for rtype in p.RequestType}
 _FD, _STATUS = p.ReplyShape.FD, p.ReplyShape.STATUS
+
+
+class ObjectLookup:
+    """The lookup a decision gets: the resolved object's attributes (the guest's view of its owner under
+    an id map), and whether the rules asked for them and what they got, for the record."""
+
+    __slots__ = ("asked", "found", "ids", "res")
+
+    def __init__(self, res: Resolution, ids: IdTranslator | None) -> None:
+        self.res = res
+        self.ids = ids
+        self.asked = False
+        self.found: object = None
+
+    def __call__(self, path: str) -> object:
+        st = self.res.lookup(path)
+        found = st if st is None or self.ids is None else self.ids.attrs_to_guest(st)
+        self.asked = True
+        self.found = found
+        return found
+
+
+def object_facts(found: object) -> dict[str, object] | None:
+    """The object as a record carries it (null: there was none), in the guest's ids."""
+    if found is None:
+        return None
+    attrs = found if isinstance(found, ObjectAttrs) else ObjectAttrs.from_stat(found)
+    return {
+        "owner": attrs.owner,
+        "group": attrs.group,
+        "type": FILE_TYPE_NAMES.get(attrs.type, str(attrs.type)) if attrs.type is not None else None,
+        "mode": None if attrs.mode is None else mode_text(attrs.mode),
+    }
 
 
 @dataclass
@@ -150,20 +184,12 @@ class Server:
 
     # -- one request ----------------------------------------------------------------------------------
 
-    def _lookup_for(self, res: Resolution) -> Callable[[str], object]:
+    def _lookup_for(self, res: Resolution) -> ObjectLookup:
         """The rules' view of the resolved object (asked only when a rule needs it); with an id map, its
         owner as the guest sees it, since the rules speak the guest's ids."""
-        ids = self.ids
-        if ids is None:
-            return res.lookup
+        return ObjectLookup(res, self.ids)
 
-        def lookup(path: str) -> object:
-            st = res.lookup(path)
-            return st if st is None else ids.attrs_to_guest(st)
-
-        return lookup
-
-    def _decide(self, request: p.Request, res: Resolution) -> tuple[Decision, p.Request]:
+    def _decide(self, request: p.Request, res: Resolution) -> tuple[Decision, p.Request, ObjectLookup]:
         """Decide on what the resolution reached: the canonical path(s), the resolved object, and every
         directory a '..' walked out of (the guest may not learn, through '..', what it may not read)."""
         first, second = res.first, res.second
@@ -173,7 +199,8 @@ class Server:
                 decided = replace(request, path=first.path, path2=second.path)  # type: ignore[call-arg]
         elif first.path != request.path:
             decided = replace(request, path=first.path)  # type: ignore[call-arg]
-        decision: Decision = decide(decided, self.policy, self._lookup_for(res))
+        seen = self._lookup_for(res)
+        decision: Decision = decide(decided, self.policy, seen)
         if res.through and decision.outcome != "deny":
             for here in res.through:
                 walked = decide(p.Lstat(here), self.policy)
@@ -182,7 +209,7 @@ class Server:
                     reason = f"{walked.reason} (a '..' in the path walks out of {os.fsdecode(here)})"
                     decision = walked._replace(reason=reason)
                     break
-        return decision, decided
+        return decision, decided, seen
 
     def handle(self, request: p.Request) -> Result:
         """Resolve once, decide on what was reached, check the tenant's limits and id map, perform only
@@ -199,7 +226,7 @@ class Server:
             res.close()
 
     def _handle(self, request: p.Request, res: Resolution, start: int) -> Result:
-        decision, decided = self._decide(request, res)
+        decision, decided, seen = self._decide(request, res)
         outcome = decision.outcome
         rule, reason = decision.rule, decision.reason
         extra: dict[str, object] | None = None
@@ -233,6 +260,11 @@ class Server:
                         result.payload = ids.stat_payload_to_guest(result.payload)
         audit = self.audit
         if audit is not None:
+            if seen.asked:
+                # The object facts the decision used, so that a replay decides on them too.
+                if extra is None:
+                    extra = {}
+                extra["object"] = object_facts(seen.found)
             if decided is not request:
                 if extra is None:
                     extra = {}

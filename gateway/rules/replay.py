@@ -16,9 +16,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from gateway import names
 from gateway.rules import requests
 from gateway.rules.engine import Lookup, decide
-from gateway.rules.model import Policy
+from gateway.rules.model import ObjectAttrs, Policy
 
 MAX_POLICIES = 64  # distinct policy hashes remembered (a log spans a few reloads, not thousands)
 
@@ -107,6 +108,41 @@ def open_log(path: str) -> tuple[Iterator[bytes], _Counting, int]:
     return lines(), counter, size
 
 
+_NOT_RECORDED = object()
+
+
+def _as_decided(record: dict[str, Any]) -> dict[str, Any]:
+    """The record with the path(s) the server decided on (``resolved``, ``resolved2``) as its paths."""
+    if "resolved" not in record and "resolved2" not in record:
+        return record
+    out = dict(record)
+    if isinstance(record.get("resolved"), str):
+        out["path"] = record["resolved"]
+    if isinstance(record.get("resolved2"), str):
+        out["path2"] = record["resolved2"]
+    return out
+
+
+def _recorded_object(record: dict[str, Any]) -> object:
+    """The object facts a record carries (an ObjectAttrs, or None for "there was none"), or
+    _NOT_RECORDED when the decision did not look at the object."""
+    if "object" not in record:
+        return _NOT_RECORDED
+    facts = record["object"]
+    if facts is None:
+        return None
+    if not isinstance(facts, dict):
+        raise ValueError("object: not an object")
+    kind = facts.get("type")
+    mode = facts.get("mode")
+    return ObjectAttrs(
+        owner=facts.get("owner"),
+        group=facts.get("group"),
+        type=names.FILE_TYPES.get(kind) if isinstance(kind, str) else None,
+        mode=names.parse_mode(mode) & 0o7777 if mode is not None else None,
+    )
+
+
 def replay(lines: Iterator[bytes], policy: Policy, lookup: Lookup | None = None, *, examples: int = 3,
            progress: Callable[[], None] | None = None) -> ReplayReport:
     report = ReplayReport()
@@ -126,7 +162,8 @@ def replay(lines: Iterator[bytes], policy: Policy, lookup: Lookup | None = None,
             old = record.get("decision")
             if old not in ("allow", "deny", "would-deny"):
                 raise ValueError(f"no usable decision field ({old!r})")
-            request = requests.from_audit(record)
+            request = requests.from_audit(_as_decided(record))
+            facts = _recorded_object(record)
         except (ValueError, requests.RequestError) as err:
             report.errors += 1
             if len(report.error_examples) < examples:
@@ -136,7 +173,9 @@ def replay(lines: Iterator[bytes], policy: Policy, lookup: Lookup | None = None,
         recorded_policy = str(record.get("policy", ""))
         if recorded_policy in report.policies or len(report.policies) < MAX_POLICIES:
             report.policies[recorded_policy] += 1
-        decision = decide(request, policy, lookup)
+        # On the facts the server decided on: the object it looked at (recorded when the rules asked)
+        # and the canonical path(s) it resolved; otherwise the given lookup (--root) or none.
+        decision = decide(request, policy, lookup if facts is _NOT_RECORDED else (lambda _p, f=facts: f))
         if decision.outcome == old:
             report.unchanged += 1
             continue
