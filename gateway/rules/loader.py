@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from gateway import names
-from gateway.rules import idmap, model, requests, schema
+from gateway.rules import globs, idmap, model, requests, schema
 from gateway.rules.compiler import compile_rules
 from gateway.rules.globs import GlobSet
 from gateway.rules.model import Conditions, ObjectConditions, Policy, PolicyError, PolicyTest, Problem, Rule
@@ -345,7 +345,7 @@ def _gc_paused() -> Iterator[None]:
 
 
 def _load(raw: bytes, source: str, base: Path | None) -> Policy:
-    with _gc_paused():
+    with _gc_paused(), globs.compile_cache():
         return _load_unpaused(raw, source, base)
 
 
