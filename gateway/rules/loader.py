@@ -28,8 +28,8 @@ from gateway.rules.model import Conditions, ObjectConditions, Policy, PolicyErro
 
 Lines = dict[tuple[Any, ...], int]
 
-# The largest policy (or --requests file) read: some 40,000 rules (a 10,000-rule policy is 1 MB). A larger
-# file is refused unread, never parsed.
+# The largest policy (or --requests file) read: some 40,000 rules like bench/policy_gen.py's (10,000 of them
+# are 1 MB). A larger file is refused unread, never parsed.
 MAX_POLICY_BYTES = 4 << 20
 # Deeper nesting is no policy (one nests six levels); without a bound, 100,000 '[' ran out of stack.
 MAX_DEPTH = 64
