@@ -36,7 +36,7 @@ if [ ! -x .venv/bin/python ]; then
     say "creating .venv with $($python --version)"
     "$python" -m venv .venv
 fi
-if ! .venv/bin/python -c "import gateway, gateway.fastloop, prctl, seccomp, cerberus, rich, ruamel.yaml, re2, pytest, hypothesis" 2>/dev/null \
+if ! .venv/bin/python -c "import gateway, gateway.fastloop, prctl, seccomp, cerberus, rich, yaml, re2, pytest, hypothesis" 2>/dev/null \
     || [ pyproject.toml -nt .venv/.installed ] || [ gateway/fastloop.pyx -nt .venv/.installed ]; then
     say "installing the project into .venv"
     .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'

@@ -21,7 +21,8 @@ which is what deciding an alias (a symlink, a renamed directory) needs.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from gateway.rules.matcher import NEVER, Matcher, MatchError, literal, union
@@ -280,11 +281,37 @@ class Placement:
         return self.regex.fullmatch(path) is not None or self.reach.fullmatch(_below(path)) is not None
 
 
-def _matcher(source: str) -> Matcher:
+# RE2 programs by source, while a policy loads (see compile_cache): the schema compiles each pattern to
+# check it, and the rule built from it needs the same programs again.
+_compiled: dict[str, Matcher] | None = None
+
+
+@contextlib.contextmanager
+def compile_cache() -> Iterator[None]:
+    """Within this block, a glob's RE2 programs are compiled once (they are immutable, so shared); the
+    cache goes when the outermost block ends, so nothing outlives the load that built it."""
+    global _compiled
+    outer = _compiled is not None
+    if not outer:
+        _compiled = {}
     try:
-        return Matcher(source)
+        yield
+    finally:
+        if not outer:
+            _compiled = None
+
+
+def _matcher(source: str) -> Matcher:
+    cache = _compiled
+    if cache is not None and (hit := cache.get(source)) is not None:
+        return hit
+    try:
+        matcher = Matcher(source)
     except MatchError as err:  # only size can fail: tokens() writes nothing RE2 cannot parse
         raise GlobError(f"too large for the matcher ({err})") from None
+    if cache is not None:
+        cache[source] = matcher
+    return matcher
 
 
 def placement(pattern: str) -> Placement:

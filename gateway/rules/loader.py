@@ -6,31 +6,30 @@ them all and is never returned, so it can never be served.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import datetime
 import gc
 import hashlib
+import math
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ruamel.yaml import YAML
-from ruamel.yaml.comments import CommentedMap, CommentedSeq
-from ruamel.yaml.composer import Composer, MaxDepthExceededError
-from ruamel.yaml.error import MarkedYAMLError, YAMLError
-from ruamel.yaml.scalarint import OctalInt, ScalarInt
+import yaml
 
 from gateway import names
-from gateway.rules import idmap, model, requests, schema
+from gateway.rules import globs, idmap, model, requests, schema
 from gateway.rules.compiler import compile_rules
 from gateway.rules.globs import GlobSet
 from gateway.rules.model import Conditions, ObjectConditions, Policy, PolicyError, PolicyTest, Problem, Rule
 
 Lines = dict[tuple[Any, ...], int]
 
-# The largest policy (or --requests file) read. Loading costs about 250 bytes of memory and 30 µs per byte
-# of YAML (ruamel's round-trip loader, which keeps every line): 4 MiB is about 1 GiB and two minutes, and
-# some 30,000 rules; a 10,000-rule policy is 1.3 MB. A larger file is refused unread, never parsed.
+# The largest policy (or --requests file) read: some 40,000 rules like bench/policy_gen.py's (10,000 of them
+# are 1 MB). A larger file is refused unread, never parsed.
 MAX_POLICY_BYTES = 4 << 20
 # Deeper nesting is no policy (one nests six levels); without a bound, 100,000 '[' ran out of stack.
 MAX_DEPTH = 64
@@ -41,9 +40,9 @@ def anchor_problem(event: Any) -> tuple[int, str] | None:
 
     Aliases make a small document a huge one: nine levels of nine aliases, a few hundred bytes, expand to
     387 million scalars (`gateway check` grew to 3.1 GiB). A policy has no need of them, so they are
-    refused, not bounded. Written for the event stream, which ruamel and PyYAML share (AliasEvent; the
-    anchor and start_mark attributes), so that a change of parser keeps the check: with PyYAML's C loader,
-    run it over ``yaml.parse(text, Loader=yaml.CSafeLoader)`` before loading.
+    refused, not bounded. Written for the event stream (AliasEvent; the anchor and start_mark attributes,
+    which ruamel and PyYAML share), which _compose() reads, so an anchor is refused before anything is built
+    from it.
     """
     anchor = getattr(event, "anchor", None)
     if type(event).__name__ == "AliasEvent":
@@ -61,72 +60,236 @@ class _Refused(Exception):
         self.line = line
 
 
-class _NoAliasComposer(Composer):  # type: ignore[misc]
-    """ruamel's composer, asking anchor_problem() about each node before composing it (no extra pass)."""
+# libyaml's parser, driven from Python one event at a time: the tree, the line map and every bound are
+# built here in a single pass (no recursion, so no nesting depth can run out of stack). Without the C
+# extension the pure-Python parser would be some 30x slower: refuse to start rather than crawl.
+_CParser = getattr(yaml, "CSafeLoader", None)
+if _CParser is None or not getattr(yaml, "__with_libyaml__", False):
+    raise ImportError(
+        "gateway needs PyYAML built with libyaml (yaml.CSafeLoader): install PyYAML>=6 from a wheel, or "
+        "build it with libyaml-dev present; the pure-Python YAML parser is too slow for large policies"
+    )
 
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        problem = anchor_problem(self.parser.peek_event())
-        if problem is not None:
-            raise _Refused(*problem)
-        return super().compose_node(parent, index)
+# YAML 1.2 core-schema resolution of plain scalars, as ruamel's round-trip loader did it (`yes` is text,
+# `0644` keeps its leading zero): the regular expressions are ruamel's resolver's.
+_BOOLS = {"true": True, "True": True, "TRUE": True, "false": False, "False": False, "FALSE": False}
+_NULLS = frozenset(("~", "null", "Null", "NULL"))
+_NUMBER_START = frozenset("-+0123456789.")
+_INT_RE = re.compile(r"[-+]?(?:0b[0-1_]+|0o?[0-7_]+|[0-9_]+|0x[0-9a-fA-F_]+)\Z")
+_FLOAT_RE = re.compile(
+    r"[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?\Z|[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)\Z"
+    r"|[-+]?\.[0-9_]+(?:[eE][-+][0-9]+)?\Z|[-+]?\.(?:inf|Inf|INF)\Z|\.(?:nan|NaN|NAN)\Z"
+)
+_TIMESTAMP_RE = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}\Z|[0-9]{4}-[0-9]{1,2}-[0-9]{1,2}(?:[Tt]|[ \t]+)[0-9]{1,2}:[0-9]{2}:[0-9]{2}"
+    r"(?:\.[0-9]*)?(?:[ \t]*(?:Z|[-+][0-9]{1,2}(?::[0-9]{2})?))?\Z"
+)
+_TAG = "tag:yaml.org,2002:"
+
+
+def _int(text: str) -> int | str:
+    """A YAML 1.2 integer as ruamel handed it on: 0o-octal as '0o...' text, digits with leading zeros
+    (0644, 0x00F, 0b0101) as zero-padded decimal text, which mode fields read as octal; else an int."""
+    digits = text.replace("_", "")
+    sign = 1
+    if digits[:1] in ("+", "-"):
+        sign = -1 if digits[0] == "-" else 1
+        digits = digits[1:]
+    try:
+        prefix = digits[:2]
+        if prefix == "0o":
+            return f"0o{sign * int(digits[2:], 8):o}"
+        if prefix in ("0b", "0x"):
+            value = sign * int(digits[2:], 2 if prefix == "0b" else 16)
+            width = len(digits) - 2 if digits[2:3] == "0" else 0
+        else:
+            value = sign * int(digits)
+            width = len(digits) if digits[:1] == "0" else 0
+    except ValueError:
+        return text  # `_`: no digits at all
+    shown = str(value)
+    return shown.zfill(width) if width > len(shown) and value >= 0 else value
+
+
+def _float(text: str) -> float:
+    digits = text.replace("_", "").lower()
+    if digits.endswith("inf"):
+        return -math.inf if digits[0] == "-" else math.inf
+    if digits.endswith("nan"):
+        return math.nan
+    return float(digits)
+
+
+def _timestamp(text: str) -> str:
+    """Dates and times are text to the schema, in the form ruamel gave them (ISO, microseconds)."""
+    if len(text) == 10:
+        return text
+    try:
+        node = yaml.ScalarNode(_TAG + "timestamp", text)
+        stamp = yaml.constructor.SafeConstructor().construct_yaml_timestamp(node)
+    except (ValueError, TypeError):
+        return text
+    sep = "T" if "T" in text or "t" in text else " "
+    return stamp.isoformat(sep) if isinstance(stamp, datetime.datetime) else str(stamp)
+
+
+def _plain_scalar(text: str) -> Any:
+    if not text:
+        return None
+    first = text[0]
+    if first in "tTfF":
+        return _BOOLS.get(text, text)
+    if first in "~nN":
+        return None if text in _NULLS else text
+    if first in _NUMBER_START:
+        if _FLOAT_RE.match(text):
+            return _float(text)
+        if _INT_RE.match(text):
+            return _int(text)
+        if _TIMESTAMP_RE.match(text):
+            return _timestamp(text)
+    return text
+
+
+def _tagged_scalar(tag: str, text: str) -> Any:
+    """A scalar with an explicit tag: the core ones as their types, anything else as its text."""
+    kind = tag[len(_TAG):] if tag.startswith(_TAG) else None
+    try:
+        if kind == "int":
+            value = _int(text)
+            return int(text) if isinstance(value, str) and not value.isdigit() else value
+        if kind == "float":
+            return _float(text)
+        if kind == "bool":
+            return _BOOLS[text]
+        if kind == "null":
+            return None
+        if kind == "timestamp":
+            return _timestamp(text)
+        if kind == "binary":
+            return str(base64.decodebytes(text.encode("ascii")))
+    except (ValueError, KeyError, UnicodeError, base64.binascii.Error):
+        pass
+    return text
+
+
+def _hashable(key: Any) -> Any:
+    """A mapping key that is itself a list or a mapping (`? [a, b]`), made a key Python can hash."""
+    if isinstance(key, list):
+        return tuple(_hashable(k) for k in key)
+    if isinstance(key, dict):
+        return tuple((k, _hashable(v)) for k, v in key.items())
+    return key
+
+
+def _compose(text: str) -> tuple[Any, Lines]:
+    """One pass over libyaml's events: plain data, the line of every key and list item, and the bounds
+    (anchors and aliases, depth, duplicate keys, one document) checked as the events arrive."""
+    lines: Lines = {(): 1}
+    parser = _CParser(text)
+    get_event = parser.get_event
+    Scalar, SeqStart, MapStart = yaml.ScalarEvent, yaml.SequenceStartEvent, yaml.MappingStartEvent
+    SeqEnd, MapEnd, Alias = yaml.SequenceEndEvent, yaml.MappingEndEvent, yaml.AliasEvent
+    DocStart, StreamEnd = yaml.DocumentStartEvent, yaml.StreamEndEvent
+    plain = _plain_scalar
+    # One frame per open collection: [container, path, is_mapping, pending key, its line, its mark, the
+    # collection's mark].
+    stack: list[list[Any]] = []
+    top: list[Any] | None = None
+    root: Any = None
+    documents = 0
+    try:
+        while True:
+            event = get_event()
+            cls = type(event)
+            if cls is Scalar or cls is MapStart or cls is SeqStart or cls is Alias:
+                if cls is Alias or event.anchor is not None:
+                    raise _Refused(*anchor_problem(event))  # type: ignore[misc]
+                if len(stack) >= MAX_DEPTH:
+                    raise _Refused(event.start_mark.line + 1, f"nested more than {MAX_DEPTH} levels deep: "
+                                   "not a policy")
+                if cls is Scalar:
+                    tag = event.tag
+                    if tag is None:
+                        value = event.value if event.style else plain(event.value)  # '' is plain
+                    elif tag == "!" or tag == _TAG + "str":
+                        value = event.value
+                    else:
+                        value = _tagged_scalar(tag, event.value)
+                    mark = event.start_mark
+                else:
+                    mark = event.start_mark
+                    if top is None:
+                        path: tuple[Any, ...] = ()
+                    elif top[2]:
+                        path = (*top[1], top[3]) if top[4] is not None else (*top[1], None)
+                    else:
+                        path = (*top[1], len(top[0]))
+                    top = [{} if cls is MapStart else [], path, cls is MapStart, None, None, None, mark]
+                    stack.append(top)
+                    continue
+            elif cls is MapEnd or cls is SeqEnd:
+                frame = stack.pop()
+                value, mark = frame[0], frame[6]
+                top = stack[-1] if stack else None
+            elif cls is DocStart:
+                documents += 1
+                if documents > 1:
+                    raise yaml.MarkedYAMLError("expected a single document in the stream", None,
+                                               "but found another document", event.start_mark)
+                continue
+            elif cls is StreamEnd:
+                return root, lines
+            else:
+                continue  # stream start, document end
+            # A complete node: the value of the frame on top (or the document).
+            if top is None:
+                root = value
+            elif not top[2]:
+                items = top[0]
+                lines[(*top[1], len(items))] = mark.line + 1
+                items.append(value)
+            elif top[4] is None:
+                top[3] = _hashable(value) if isinstance(value, list | dict) else value
+                top[4] = mark.line + 1
+                top[5] = mark
+            else:
+                mapping, key = top[0], top[3]
+                if key in mapping:
+                    old = mapping[key]
+                    problem = f'found duplicate key "{key}" with value "{value}" (original value: "{old}")'
+                    raise yaml.MarkedYAMLError("while constructing a mapping", None, problem, top[5])
+                lines[(*top[1], key)] = top[4]
+                mapping[key] = value
+                top[4] = None
+    finally:
+        parser.dispose()
 
 
 def read_yaml(text: str, source: str) -> tuple[Any, Lines]:
     """Plain data (dict/list/str/int/bool/None) and the 1-based line of every key and list item."""
     if len(text) > MAX_POLICY_BYTES:  # characters: at least as many bytes
         raise PolicyError([Problem(source, 0, "", _too_large(len(text.encode("utf-8", "surrogatepass"))))])
-    yaml = YAML(typ="rt")
-    yaml.Composer = _NoAliasComposer
-    yaml.max_depth = MAX_DEPTH
     try:
-        node = yaml.load(text)
+        return _compose(text)
     except _Refused as err:
         raise PolicyError([Problem(source, err.line, "", str(err))]) from None
-    except MaxDepthExceededError as err:
-        line = err.problem_mark.line + 1 if err.problem_mark is not None else 0
-        message = f"nested more than {MAX_DEPTH} levels deep: not a policy"
-        raise PolicyError([Problem(source, line, "", message)]) from None
-    except MarkedYAMLError as err:
+    except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         line = mark.line + 1 if mark is not None else 0
+        if "maximum nesting depth" in str(err.problem):  # libyaml's own bound (1000), met scanning ahead
+            message = f"nested more than {MAX_DEPTH} levels deep: not a policy"
+            raise PolicyError([Problem(source, line, "", message)]) from None
         what = " ".join(str(p) for p in (err.context, err.problem) if p)
         raise PolicyError([Problem(source, line, "", f"not valid YAML: {what}")]) from None
-    except YAMLError as err:
+    except yaml.reader.ReaderError as err:
+        # A character YAML does not allow: libyaml counts characters from the start; name its line.
+        line = text.count("\n", 0, err.position) + 1 if isinstance(err.position, int) else 0
+        raise PolicyError([Problem(source, line, "", f"not valid YAML: {err.reason}")]) from None
+    except yaml.YAMLError as err:
         raise PolicyError([Problem(source, 0, "", f"not valid YAML: {err}")]) from None
-    lines: Lines = {(): 1}
-    return _plain(node, (), lines), lines
-
-
-def _plain(node: Any, path: tuple[Any, ...], lines: Lines) -> Any:
-    if isinstance(node, CommentedMap):
-        out = {}
-        for key, value in node.items():
-            lines[(*path, key)] = node.lc.key(key)[0] + 1
-            out[key] = _plain(value, (*path, key), lines)
-        return out
-    if isinstance(node, CommentedSeq):
-        items = []
-        for i, value in enumerate(node):
-            lines[(*path, i)] = node.lc.item(i)[0] + 1
-            items.append(_plain(value, (*path, i), lines))
-        return items
-    if isinstance(node, bool) or node is None:
-        return node
-    if isinstance(node, OctalInt):
-        return f"0o{int(node):o}"  # keep it recognisably octal for modes
-    if isinstance(node, ScalarInt):
-        width = getattr(node, "_width", None) or 0
-        text = str(int(node))
-        # 0644 was written with a leading zero: YAML 1.2 reads it as decimal 644, people mean octal. Hand
-        # the digits on as text so that mode fields read them as octal (and id fields as plain numbers).
-        return text.zfill(width) if width > len(text) and int(node) >= 0 else int(node)
-    if isinstance(node, int):
-        return int(node)
-    if isinstance(node, float):
-        return float(node)
-    if isinstance(node, str):
-        return str(node)
-    return str(node)  # dates and other YAML types: text, which the schema will then judge
+    except UnicodeError:
+        raise PolicyError([Problem(source, 0, "", "not valid YAML: not UTF-8 text")]) from None
 
 
 def _too_large(size: int) -> str:
@@ -171,18 +334,25 @@ def load_policy_bytes(raw: bytes, source: str = "<policy>") -> Policy:
 def _gc_paused() -> Iterator[None]:
     """Loading builds hundreds of thousands of small objects (YAML nodes, closures, trie nodes), and the
     cyclic collector rescans them all again and again: a 10,000-rule policy compiled 3x slower with it
-    on. Nothing built here needs collecting before the load ends, so the collector waits until then."""
+    on. Nothing built here needs collecting before the load ends, so the collector waits until then.
+
+    When it resumes, everything the load allocated is in the youngest generation, and the first young
+    collection would walk all of it (1.5 s after a 10,000-rule load). A compiled policy is long-lived, so
+    the objects are handed to the oldest generation instead (freeze then unfreeze: two list splices, no
+    walk); any garbage among them goes at the next full collection, as it would have after surviving."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
         if was_enabled:
+            gc.freeze()
+            gc.unfreeze()
             gc.enable()
 
 
 def _load(raw: bytes, source: str, base: Path | None) -> Policy:
-    with _gc_paused():
+    with _gc_paused(), globs.compile_cache():
         return _load_unpaused(raw, source, base)
 
 
