@@ -167,15 +167,6 @@ def _read_requests(path: str) -> list[tuple[str, reqs.RequestSpec]]:
     return out
 
 
-def _decision_dict(text: str, d: Decision) -> dict[str, Any]:
-    out = {"request": text, "outcome": d.outcome, "effect": d.effect, "enforced": d.enforced, "rule": d.rule,
-           "errno": d.errno, "errno_name": names.errno_name(d.errno) if d.errno else None,
-           "matched": list(d.matched), "reason": d.reason}
-    if d.explanation is not None:
-        out["explanation"] = [t._asdict() for t in d.explanation]
-    return out
-
-
 def _test_dict(r: TestResult) -> dict[str, Any]:
     t = r.test
     return {"index": t.index, "line": t.line, "name": t.name, "request": t.text, "expect": t.expect,
@@ -305,7 +296,6 @@ def _run(args: argparse.Namespace) -> int:
             decided.append((where, spec, decision))
             if lines:
                 print(json.dumps(decision_line(policy, spec, decision), separators=(",", ":")))
-        report["requests"] = [_decision_dict(reqs.describe(s.request, s.object), d) for _, s, d in decided]
         if not as_json and decided:
             _show_requests(out, [(w, reqs.describe(s.request, s.object), d) for w, s, d in decided])
         if decided:
