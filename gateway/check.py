@@ -4,9 +4,17 @@
 4. decide given requests (``--request``, ``--requests FILE``; ``--explain`` says why each rule did or did
 not match), 5. replay an audit log under the policy (``--replay``) and report the decisions that change.
 
-Exit status: 0 valid and every test passes; 1 a test failed (or ``--fail-on-change`` saw a change, or
-``--strict`` saw a lint warning); 2 the policy is invalid (or a request, requests file or log cannot be
-read: the input is unusable, as with any usage error).
+With ``--request``/``--requests`` the decisions come first and the lint and the policy's tests run only
+when asked (``--lint``, ``--tests``): deciding a request under a large policy is a quick answer.
+``--no-lint`` validates and runs the tests; ``--lint-only`` validates and lints (no tests, requests or
+replay). With requests, ``--format json`` writes JSON lines: one object per request, named as in the audit
+record (tenant, policy, event, op, path, ..., decision, rule, reason, result), then, only when the lint,
+the tests or a replay ran, one ``"event": "check"`` line with the rest of the report.
+
+Exit status (see EXIT_HELP): 0 valid and nothing failed; 1 a test failed, or ``--strict`` saw a lint
+warning, ``--fail-on-change`` a change, ``--fail-on-deny`` a deny or would-deny; 2 the policy is invalid,
+or the options conflict, or a request, requests file or log cannot be read (the input is unusable);
+141 (128 + SIGPIPE) the reader closed the pipe before the report was written, quietly, as ``cat`` would.
 
 This is the CLI view: the only module of the rules feature that imports rich.
 """
@@ -14,6 +22,8 @@ This is the CLI view: the only module of the rules feature that imports rich.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import os
 import stat
@@ -25,19 +35,39 @@ from rich.table import Table
 from rich.text import Text
 
 from gateway import names
+from gateway.audit.fields import request_fields
 from gateway.rules import PolicyError, decide, load_policy, loader
 from gateway.rules import requests as reqs
 from gateway.rules.idmap import IdMap, IdRange
 from gateway.rules.lint import Finding, lint
-from gateway.rules.model import Decision, Limits, Policy, format_size
+from gateway.rules.model import Decision, Limits, ObjectAttrs, Policy, format_size
 from gateway.rules.replay import ReplayReport, open_log, replay
 from gateway.rules.testing import TestResult, run_tests
 
 PROGRESS_MIN_BYTES = 64 << 20  # below this a log replays in seconds: no progress bar unless on a terminal
 OUTCOME_STYLE = {"allow": "green", "deny": "red", "would-deny": "yellow"}
+EXIT_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a writer the closed pipe ended
+# Keys of a check's own JSON lines that are not request fields (so that its output reads back as requests).
+_OUTPUT_META = reqs.AUDIT_META | {"explain"}
+
+EXIT_HELP = """\
+exit status:
+  0    the policy is valid, every test that ran passed and no --fail-on-* / --strict condition held
+  1    a test failed; or --strict: a lint warning; --fail-on-change: --replay found a change;
+       --fail-on-deny: a request was denied, or would be (a would-deny of enforcement: permissive counts:
+       the policy's rules deny it)
+  2    the policy is invalid (it would not be served); or the options conflict; or a request, a requests
+       file or an audit log cannot be read
+  141  the reader closed the pipe early (`... | head -1`): nothing more is written, no traceback; the
+       report was cut short, so this is not a pass
+
+With --request/--requests, lint and tests run only with --lint / --tests (--strict implies --lint);
+--format json then writes one JSON object per request per line (the audit record's field names)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EXIT_HELP
     parser.add_argument("policy", metavar="POLICY", help="the policy file to check")
     parser.add_argument("--request", action="append", default=[], metavar="'OP PATH [PATH2] [key=value ...]'",
                         help="decide this request (repeatable), e.g. 'open /etc/passwd flags=O_RDWR'; object "
@@ -45,20 +75,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--requests", metavar="FILE", help="decide each request of a YAML list or JSON lines")
     parser.add_argument("--explain", action="store_true",
                         help="with --request/--requests: every rule that matched and why the others did not")
+    parser.add_argument("--fail-on-deny", action="store_true",
+                        help="exit 1 when a request is denied or would be denied (would-deny)")
+    parser.add_argument("--lint", action="store_true",
+                        help="with --request/--requests: lint the policy too (without requests it always is)")
+    parser.add_argument("--tests", action="store_true",
+                        help="with --request/--requests: run the policy's tests too (without requests they "
+                             "always run)")
+    parser.add_argument("--no-lint", action="store_true", help="validate and run the tests; skip the lint")
+    parser.add_argument("--lint-only", action="store_true",
+                        help="validate and lint only: no tests, requests or replay")
     parser.add_argument("--root", metavar="DIR",
                         help="read object attributes (owner, type, mode) from this tree, not the request")
     parser.add_argument("--replay", metavar="AUDIT", help="re-decide an audit log (JSON lines, plain or .gz)")
     parser.add_argument("--fail-on-change", action="store_true", help="exit 1 when --replay finds a change")
     parser.add_argument("--examples", type=int, default=3, metavar="N",
                         help="examples kept per kind of change (default 3)")
-    parser.add_argument("--strict", action="store_true", help="exit 1 when lint finds a warning")
+    parser.add_argument("--strict", action="store_true",
+                        help="exit 1 when lint finds a warning (with requests: implies --lint)")
     parser.add_argument("--no-progress", action="store_true", help="never show a progress bar")
     parser.add_argument("--format", choices=["text", "json"], default="text",
-                        help="output for people (text) or machines (json)")
+                        help="output for people (text) or machines (json; JSON lines with requests)")
 
 
 class UsageError(Exception):
     pass
+
+
+class _Out(Console):
+    """stdout. Rich's own answer to a closed pipe is SystemExit(1), which a script would read as "a test
+    failed"; this hands the error to run(), which ends with EXIT_PIPE."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError(errno.EPIPE, "the reader closed the pipe")
 
 
 def root_lookup(root: str) -> Any:
@@ -97,7 +147,7 @@ def _read_requests(path: str) -> list[tuple[str, reqs.RequestSpec]]:
             try:
                 entry = json.loads(line)
                 if isinstance(entry, dict):
-                    entry = {k: v for k, v in entry.items() if k not in reqs.AUDIT_META}
+                    entry = {k: v for k, v in entry.items() if k not in _OUTPUT_META}
                 out.append((f"{path}:{number}", reqs.from_mapping(entry)))
             except (ValueError, reqs.RequestError) as err:
                 raise UsageError(f"{path}:{number}: {err}") from None
@@ -117,15 +167,6 @@ def _read_requests(path: str) -> list[tuple[str, reqs.RequestSpec]]:
     return out
 
 
-def _decision_dict(text: str, d: Decision) -> dict[str, Any]:
-    out = {"request": text, "outcome": d.outcome, "effect": d.effect, "enforced": d.enforced, "rule": d.rule,
-           "errno": d.errno, "errno_name": names.errno_name(d.errno) if d.errno else None,
-           "matched": list(d.matched), "reason": d.reason}
-    if d.explanation is not None:
-        out["explanation"] = [t._asdict() for t in d.explanation]
-    return out
-
-
 def _test_dict(r: TestResult) -> dict[str, Any]:
     t = r.test
     return {"index": t.index, "line": t.line, "name": t.name, "request": t.text, "expect": t.expect,
@@ -140,12 +181,87 @@ def _ids_dict(ids: IdMap | None) -> dict[str, Any] | None:
             "unmapped": ids.unmapped, "squash_uid": ids.squash_uid, "squash_gid": ids.squash_gid}
 
 
+def _object_dict(obj: ObjectAttrs) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if obj.owner is not None:
+        out["owner"] = obj.owner
+    if obj.group is not None:
+        out["group"] = obj.group
+    if obj.type is not None:
+        out["type"] = names.FILE_TYPE_NAMES.get(obj.type, obj.type)
+    if obj.mode is not None:
+        out["mode"] = names.mode_text(obj.mode)
+    return out
+
+
+def decision_line(policy: Policy, spec: reqs.RequestSpec, d: Decision) -> dict[str, Any]:
+    """One request's JSON line, named as in the audit record. ``result`` is what the server would record
+    (an errno name for a deny, ``ok`` otherwise: an allow and a would-deny are performed); a check performs
+    nothing, so it cannot know a failure of the call itself. ``object`` (what the request said of the object)
+    and ``explain`` (with --explain) are the check's own. The line reads back as a request (--requests) and
+    replays as a trail's record (--replay; a trail has no ``object``: replay reads objects from --root)."""
+    line: dict[str, Any] = {"tenant": policy.tenant, "policy": policy.hash[:16], "event": "request",
+                            **request_fields(spec.request), "decision": d.outcome, "rule": d.rule,
+                            "reason": d.reason,
+                            "result": names.errno_name(d.errno) if d.outcome == "deny" else "ok"}
+    if spec.object is not None:
+        line["object"] = _object_dict(spec.object)
+    if d.explanation is not None:
+        line["explain"] = [t._asdict() for t in d.explanation]
+    return line
+
+
+def _conflicts(args: argparse.Namespace) -> str | None:
+    has_requests = bool(args.request or args.requests)
+    if args.lint_only:
+        given = [name for name, on in (("--request", bool(args.request)), ("--requests", bool(args.requests)),
+                                       ("--replay", bool(args.replay)), ("--tests", args.tests),
+                                       ("--no-lint", args.no_lint), ("--explain", args.explain),
+                                       ("--fail-on-deny", args.fail_on_deny), ("--root", bool(args.root)))
+                 if on]
+        if given:
+            return f"--lint-only validates and lints only: not with {', '.join(given)}"
+    if args.no_lint and (args.lint or args.strict):
+        return f"--no-lint skips the lint: not with {'--lint' if args.lint else '--strict'}"
+    if args.fail_on_deny and not has_requests:
+        return "--fail-on-deny needs --request or --requests"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
+    """The check; a reader that closes the pipe early (``| head -1``) ends it quietly with EXIT_PIPE."""
+    try:
+        status = _run(args)
+        sys.stdout.flush()  # here, not at exit, where a closed pipe would print "Exception ignored"
+    except BrokenPipeError:
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # exit's flush goes nowhere
+        return EXIT_PIPE
+    return status
+
+
+def _run(args: argparse.Namespace) -> int:
+    conflict = _conflicts(args)
+    if conflict is not None:
+        print(f"gateway check: error: {conflict}", file=sys.stderr)
+        return 2
     # Piped output gets a generous width (rich would pick 80) so that a report in a CI log is not folded.
     width = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", "140"))
-    out = Console(soft_wrap=True, highlight=False, width=width)  # lines stay whole: they are grepped
+    out = _Out(soft_wrap=True, highlight=False, width=width)  # lines stay whole: they are grepped
     err = Console(stderr=True, highlight=False)
+    has_requests = bool(args.request or args.requests)
     as_json = args.format == "json"
+    lines = as_json and has_requests  # JSON lines: one per request, then the report's rest on one line
+    do_lint = not args.no_lint and (args.lint_only or not has_requests or args.lint or args.strict)
+    do_tests = not args.lint_only and (not has_requests or args.tests)
+
+    def emit(report: dict[str, Any]) -> None:
+        if lines:
+            report = {"event": "check", **{k: v for k, v in report.items() if k != "requests"}}
+            print(json.dumps(report, separators=(",", ":")))
+        else:
+            print(json.dumps(report, indent=2))
+
     report: dict[str, Any] = {"policy": {"source": args.policy}, "valid": False, "problems": [], "lint": [],
                               "tests": None, "requests": [], "replay": None}
     try:
@@ -154,7 +270,7 @@ def run(args: argparse.Namespace) -> int:
         report["problems"] = [vars(p) for p in error.problems]
         report["exit"] = 2
         if as_json:
-            print(json.dumps(report, indent=2))
+            emit(report)
         else:
             _show_invalid(out, args.policy, error)
         return 2
@@ -164,19 +280,11 @@ def run(args: argparse.Namespace) -> int:
                         "rules": len(policy.rules),
                         "tests": len(policy.tests), "audit_path": policy.audit_path,
                         "ids": _ids_dict(policy.ids), "limits": vars(policy.limits)}
-    findings = lint(policy)
-    results = run_tests(policy)
-    report["lint"] = [vars(f) for f in findings]
-    failed = [r for r in results if not r.passed]
-    report["tests"] = {"passed": len(results) - len(failed), "failed": len(failed),
-                       "results": [_test_dict(r) for r in results]}
-    if not as_json:
-        _show_policy(out, policy, findings, results)
     lookup = root_lookup(args.root) if args.root else None
-    status = 1 if failed else 0
-    if args.strict and any(f.severity == "warning" for f in findings):
-        status = 1
+    why: list[str] = []  # what made the check fail (exit 1)
     try:
+        # The decisions first, written and flushed before the lint and the tests run: a script reading the
+        # pipe has its answer at once.
         specs = [(f"--request {i + 1}", reqs.parse_text(t)) for i, t in enumerate(args.request)]
         if args.requests:
             specs += _read_requests(args.requests)
@@ -185,32 +293,66 @@ def run(args: argparse.Namespace) -> int:
             found = spec.object
             use = lookup if lookup is not None else (lambda _p, o=found: o)
             decision = decide(spec.request, policy, use, explain=args.explain)
-            decided.append((where, reqs.describe(spec.request, spec.object), decision))
-        report["requests"] = [_decision_dict(text, d) for _, text, d in decided]
+            decided.append((where, spec, decision))
+            if lines:
+                print(json.dumps(decision_line(policy, spec, decision), separators=(",", ":")))
         if not as_json and decided:
-            _show_requests(out, decided)
+            _show_requests(out, [(w, reqs.describe(s.request, s.object), d) for w, s, d in decided])
+        if decided:
+            sys.stdout.flush()
+        denied = sum(d.outcome != "allow" for _, _, d in decided)
+        if args.fail_on_deny and denied:
+            why.append(f"{denied} of {len(decided)} request(s) denied or would be (--fail-on-deny)")
+        findings = lint(policy) if do_lint else None
+        results = run_tests(policy) if do_tests else None
+        report["lint"] = [vars(f) for f in findings] if findings is not None else None
+        failed = [r for r in results if not r.passed] if results is not None else []
+        if results is not None:
+            report["tests"] = {"passed": len(results) - len(failed), "failed": len(failed),
+                               "results": [_test_dict(r) for r in results]}
+        if not as_json:
+            if decided:
+                out.print()
+            _show_policy(out, policy, findings, results)
+            skipped = [f"{what} ({why})" for what, why, ran in (
+                ("lint", "--no-lint" if args.no_lint else "ask with --lint", do_lint),
+                ("tests", "--lint-only" if args.lint_only else "ask with --tests", do_tests),
+            ) if not ran]
+            if skipped:
+                out.print(Text(f"\nnot run: {', '.join(skipped)}", style="dim"))
+        if failed:
+            why.append(f"{len(failed)} test(s) failed")
+        if args.strict and findings and any(f.severity == "warning" for f in findings):
+            why.append("lint warnings (--strict)")
         if args.replay:
             replayed = _replay(args, policy, lookup, err)
             report["replay"] = replayed.as_dict()
             if not as_json:
                 _show_replay(out, args.replay, replayed)
             if args.fail_on_change and replayed.changed:
-                status = 1
+                why.append(f"{replayed.changed:,} decision(s) changed (--fail-on-change)")
+    except BrokenPipeError:
+        raise  # the reader is gone: run() ends quietly
     except (reqs.RequestError, UsageError, OSError) as error:
         message = f"--request: {error}" if isinstance(error, reqs.RequestError) else str(error)
         report["error"] = message
         report["exit"] = 2
         if as_json:
-            print(json.dumps(report, indent=2))
+            emit(report)
         else:
             out.print(Text(f"error: {message}", style="bold red"))
         return 2
+    status = 1 if why else 0
     report["exit"] = status
-    if as_json:
-        print(json.dumps(report, indent=2))
+    if lines:
+        if do_lint or do_tests or args.replay:
+            emit(report)
+    elif as_json:
+        emit(report)
     else:
         verdict = {0: ("OK", "bold green"), 1: ("FAILED", "bold red")}[status]
-        out.print(Text.assemble(("result: ", "bold"), verdict, f" (exit {status})"))
+        out.print(Text.assemble(("result: ", "bold"), verdict, f" (exit {status})",
+                                (": " + "; ".join(why)) if why else ""))
     return status
 
 
@@ -244,7 +386,9 @@ def _show_invalid(out: Console, source: str, error: PolicyError) -> None:
     out.print(Text.assemble(("result: ", "bold"), ("INVALID", "bold red"), " (exit 2)"))
 
 
-def _show_policy(out: Console, policy: Policy, findings: list[Finding], results: list[TestResult]) -> None:
+def _show_policy(out: Console, policy: Policy, findings: list[Finding] | None,
+                 results: list[TestResult] | None) -> None:
+    """The policy's summary, then the lint and the tests (None: not run, not shown)."""
     out.print(Text.assemble(("policy ", "bold"), policy.source, ("  valid", "bold green")))
     out.print(Text(f"  tenant {policy.tenant} · default {policy.default} · "
                    f"enforcement {policy.enforcement} · "
@@ -253,7 +397,9 @@ def _show_policy(out: Console, policy: Policy, findings: list[Finding], results:
         out.print(Text(f"  ids {_ids_text(policy.ids)}"))
     if policy.limits.given():
         out.print(Text(f"  limits {_limits_text(policy.limits)}"))
-    if findings:
+    if findings is None:
+        pass
+    elif findings:
         warnings = sum(f.severity == "warning" for f in findings)
         notes = len(findings) - warnings
         out.print(Text.assemble(("\nlint ", "bold"), f"{warnings} warning(s), {notes} note(s)"))
@@ -311,7 +457,7 @@ def _limits_text(limits: Limits) -> str:
 
 
 def _show_requests(out: Console, decided: list[tuple[str, str, Decision]]) -> None:
-    out.print(Text("\nrequests", style="bold"))
+    out.print(Text("requests", style="bold"))  # the first thing said: the answer asked for
     for _where, text, d in decided:
         errno_text = f" {names.errno_name(d.errno)}" if d.errno else ""
         out.print(Text.assemble("  ", (text, "bold"), "\n    → ",

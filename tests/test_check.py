@@ -7,6 +7,9 @@ import gzip
 import hashlib
 import json
 import os
+import shlex
+import subprocess
+import sys
 import textwrap
 import tracemalloc
 from collections.abc import Iterator
@@ -118,16 +121,16 @@ def test_strict_makes_lint_warnings_fail(capsys, tmp_path) -> None:
 
 
 def test_requests_and_explain(capsys, policy_file) -> None:
-    code, report = run_json(capsys, policy_file, "--request", "open /etc/passwd flags=O_RDWR",
-                            "--request", "mknod /dev/sda mode=060600", "--request", "remove /x type=dir",
-                            "--request", "remove /x", "--explain")
+    code, out, _ = run_check(capsys, policy_file, "--request", "open /etc/passwd flags=O_RDWR",
+                             "--request", "mknod /dev/sda mode=060600", "--request", "remove /x type=dir",
+                             "--request", "remove /x", "--explain", "--format", "json")
     assert code == 0
-    got = [(r["outcome"], r["rule"], r["errno_name"]) for r in report["requests"]]
+    got = [(r["decision"], r["rule"], r["result"]) for r in json_lines(out)]
     assert got == [("deny", "etc-ro", "EROFS"), ("deny", "no-dev", "EPERM"),
-                   ("deny", "no-dir-removal", "EACCES"), ("allow", None, None)]
-    first = report["requests"][0]
-    assert first["request"] == "open /etc/passwd flags=O_RDWR"
-    statuses = {e["rule"]: e["status"] for e in first["explanation"]}
+                   ("deny", "no-dir-removal", "EACCES"), ("allow", None, "ok")]
+    first = json_lines(out)[0]
+    assert (first["op"], first["path"], first["flags"]) == ("open", "/etc/passwd", ["O_RDWR"])
+    statuses = {e["rule"]: e["status"] for e in first["explain"]}
     assert statuses == {"etc-ro": "decides", "no-dev": "no-match", "no-dir-removal": "no-match"}
     code, out, _ = run_check(capsys, policy_file, "--request", "open /etc/passwd flags=O_RDWR", "--explain")
     assert "→ deny EROFS  by etc-ro: denied by rule 'etc-ro'" in out
@@ -138,13 +141,13 @@ def test_requests_file_yaml_and_json_lines(capsys, policy_file, tmp_path) -> Non
     yaml_file = tmp_path / "reqs.yaml"
     yaml_file.write_text("- {op: open, path: /etc/hosts, flags: [O_WRONLY]}\n- 'lstat /etc/hosts'\n"
                          "- {op: remove, path: /srv, object: {type: dir}}\n")
-    code, report = run_json(capsys, policy_file, "--requests", yaml_file)
-    assert code == 0 and [r["outcome"] for r in report["requests"]] == ["deny", "allow", "deny"]
+    code, out, _ = run_check(capsys, policy_file, "--requests", yaml_file, "--format", "json")
+    assert code == 0 and [r["decision"] for r in json_lines(out)] == ["deny", "allow", "deny"]
     jsonl = tmp_path / "reqs.jsonl"
     jsonl.write_text('{"op": "mknod", "path": "/d", "mode": "020600"}\n\n"lstat /d"\n'
                      '{"op": "open", "path": "/etc/x", "flags": ["O_RDWR"], "decision": "allow", "seq": 4}\n')
-    _, report = run_json(capsys, policy_file, "--requests", jsonl)
-    assert [r["rule"] for r in report["requests"]] == ["no-dev", None, "etc-ro"]
+    _, out, _ = run_check(capsys, policy_file, "--requests", jsonl, "--format", "json")
+    assert [r["rule"] for r in json_lines(out)] == ["no-dev", None, "etc-ro"]
 
 
 @pytest.mark.parametrize(
@@ -174,11 +177,11 @@ def test_root_reads_a_real_tree(capsys, policy_file, tmp_path) -> None:
     (tree / "sub").mkdir(parents=True)
     (tree / "file").write_text("x")
     (tree / "escape").symlink_to(tmp_path)
-    _, report = run_json(capsys, policy_file, "--root", tree, "--request", "remove /sub",
-                            "--request", "remove /file", "--request", "remove /escape/export/sub",
-                            "--request", "remove /sub type=reg")
+    _, out, _ = run_check(capsys, policy_file, "--root", tree, "--request", "remove /sub",
+                          "--request", "remove /file", "--request", "remove /escape/export/sub",
+                          "--request", "remove /sub type=reg", "--format", "json")
     # /escape/... goes through a symlink: not followed, so unknown; --root wins over type= in the request
-    assert [r["outcome"] for r in report["requests"]] == ["deny", "allow", "allow", "deny"]
+    assert [r["decision"] for r in json_lines(out)] == ["deny", "allow", "allow", "deny"]
     assert check.root_lookup(str(tree))("/file").st_uid == os.getuid()
     assert check.root_lookup(str(tree))("/missing") is None
 
@@ -357,3 +360,172 @@ def test_no_id_map_and_no_limits_are_not_shown(capsys, policy_file) -> None:
     assert code == 0 and "  ids " not in out and "  limits " not in out
     code, report = run_json(capsys, policy_file)
     assert report["policy"]["ids"] is None and set(report["policy"]["limits"].values()) == {None}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Requests as a quick, scriptable answer: decisions first, lint and tests only when asked, JSON lines, exit
+# codes, a closed pipe.
+
+
+def test_with_requests_the_decision_comes_first_and_lint_and_tests_wait_to_be_asked(capsys, tmp_path) -> None:
+    path = tmp_path / "p.yaml"  # a failing test and a lint warning: neither counts unless asked for
+    path.write_text(POLICY.replace("    expect: allow\n", "    expect: deny\n")
+                    .replace("rules:\n", "rules:\n  - {id: pointless, effect: allow, ops: [read]}\n"))
+    code, out, _ = run_check(capsys, path, "--request", "lstat /etc/hosts", "--strict", "--no-lint")
+    assert code == 2  # --strict needs the lint
+    code, out, _ = run_check(capsys, path, "--request", "lstat /etc/hosts")
+    assert code == 0, out
+    assert out.startswith("requests\n  lstat /etc/hosts\n    → allow")
+    assert "\nlint " not in out and "\ntests " not in out and "[pointless-allow]" not in out
+    assert "not run: lint (ask with --lint), tests (ask with --tests)" in out
+    code, out, _ = run_check(capsys, path, "--request", "lstat /etc/hosts", "--tests")
+    assert code == 1 and "1 passed, 1 failed" in out and "[pointless" not in out
+    assert "result: FAILED (exit 1): 1 test(s) failed" in out
+    assert out.index("requests") < out.index("policy ") < out.index("tests ")
+    code, out, _ = run_check(capsys, path, "--request", "lstat /etc/hosts", "--lint")
+    assert code == 0 and "[pointless-allow]" in out and "not run: tests (ask with --tests)" in out
+    assert run_check(capsys, path, "--request", "lstat /etc/hosts", "--strict")[0] == 1  # implies --lint
+    code, report = run_json(capsys, path)  # without requests: as before, everything
+    assert code == 1 and report["lint"] and report["tests"]["failed"] == 1
+
+
+def test_no_lint_and_lint_only(capsys, tmp_path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(POLICY.replace("rules:\n", "rules:\n  - {id: pointless, effect: allow, ops: [read]}\n"))
+    code, out, _ = run_check(capsys, path, "--no-lint")
+    assert code == 0 and "2 passed, 0 failed" in out and "[pointless" not in out
+    assert "not run: lint (--no-lint)" in out
+    code, report = run_json(capsys, path, "--no-lint")
+    assert report["lint"] is None and report["tests"]["passed"] == 2
+    code, out, _ = run_check(capsys, path, "--lint-only", "--strict")
+    assert code == 1 and "[pointless-allow]" in out and "passed" not in out
+    assert "not run: tests (--lint-only)" in out
+    code, report = run_json(capsys, path, "--lint-only")
+    assert code == 0 and report["tests"] is None and report["lint"][0]["code"] == "pointless-allow"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--lint-only", "--request", "lstat /x"], "--lint-only validates and lints only: not with --request"),  # noqa: E501
+        (["--lint-only", "--no-lint"], "not with --no-lint"),
+        (["--no-lint", "--lint", "--request", "lstat /x"], "--no-lint skips the lint: not with --lint"),
+        (["--fail-on-deny"], "--fail-on-deny needs --request or --requests"),
+    ],
+)
+def test_conflicting_options_exit_2(capsys, policy_file, argv: list[str], message: str) -> None:
+    code, out, err = run_check(capsys, policy_file, *argv)
+    assert code == 2 and out == "" and err.startswith("gateway check: error: ") and message in err
+
+
+def json_lines(out: str) -> list[dict]:
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def test_json_lines_one_per_request_named_as_in_the_audit_record(capsys, policy_file, tmp_path) -> None:
+    code, out, _ = run_check(capsys, policy_file, "--format", "json",
+                             "--request", "open /etc/passwd flags=O_RDWR", "--request", "remove /x type=dir",
+                             "--request", "lstat /etc/hosts", "--request", "rename /a /b")
+    assert code == 0
+    got = json_lines(out)
+    digest = hashlib.sha256(POLICY.encode()).hexdigest()[:16]
+    assert got[0] == {"tenant": "guest-42", "policy": digest, "event": "request", "op": "open",
+                      "path": "/etc/passwd", "flags": ["O_RDWR"], "decision": "deny", "rule": "etc-ro",
+                      "reason": "denied by rule 'etc-ro'", "result": "EROFS"}
+    assert [(r["decision"], r["result"]) for r in got] == [("deny", "EROFS"), ("deny", "EACCES"),
+                                                           ("allow", "ok"), ("allow", "ok")]
+    assert got[1]["object"] == {"type": "dir"} and "object" not in got[2]
+    assert got[3]["path2"] == "/b" and all("explain" not in r for r in got)
+    code, out, _ = run_check(capsys, policy_file, "--format", "json", "--request", "remove /x type=dir",
+                             "--explain")
+    (line,) = json_lines(out)
+    assert {e["rule"]: e["status"] for e in line["explain"]}["no-dir-removal"] == "decides"
+    # The output reads back as requests and replays as a trail: the same decisions, nothing changes.
+    saved = tmp_path / "decided.jsonl"
+    saved.write_text(out)
+    code, out, _ = run_check(capsys, policy_file, "--format", "json", "--requests", saved)
+    assert [r["rule"] for r in json_lines(out)] == ["no-dir-removal"]
+    # A trail carries no object attributes (the server reads them): replay those without.
+    _, out, _ = run_check(capsys, policy_file, "--format", "json",
+                          "--request", "open /etc/passwd flags=O_RDWR",
+                          "--request", "lstat /a")
+    saved.write_text(out)
+    code, report = run_json(capsys, policy_file, "--replay", saved, "--fail-on-change")
+    assert code == 0 and report["replay"]["requests"] == 2 and report["replay"]["changed"] == 0
+
+
+def test_json_lines_end_with_the_report_only_when_lint_tests_or_replay_ran(capsys, policy_file) -> None:
+    code, out, _ = run_check(capsys, policy_file, "--format", "json", "--request", "lstat /a", "--tests")
+    first, last = json_lines(out)
+    assert first["event"] == "request" and last["event"] == "check" and "requests" not in last
+    assert last["tests"]["passed"] == 2 and last["lint"] is None and last["exit"] == code == 0
+    code, out, _ = run_check(capsys, policy_file, "--format", "json", "--request", "opne /a")
+    (error,) = json_lines(out)  # an unusable request: one line too
+    assert code == 2 and error["event"] == "check" and "unknown op 'opne'" in error["error"]
+
+
+def test_fail_on_deny(capsys, policy_file, tmp_path) -> None:
+    allowed = ["--request", "lstat /etc/hosts"]
+    denied = ["--request", "open /etc/passwd flags=O_RDWR"]
+    assert run_check(capsys, policy_file, *allowed, *denied)[0] == 0  # a deny alone is an answer, not a fail
+    assert run_check(capsys, policy_file, *allowed, "--fail-on-deny")[0] == 0
+    code, out, _ = run_check(capsys, policy_file, *allowed, *denied, "--fail-on-deny")
+    assert code == 1
+    assert "result: FAILED (exit 1): 1 of 2 request(s) denied or would be (--fail-on-deny)" in out
+    permissive = tmp_path / "permissive.yaml"
+    permissive.write_text(POLICY.replace("default: allow\n", "default: allow\nenforcement: permissive\n")
+                          .replace("    expect: deny\n", "    expect: would-deny\n"))
+    code, out, _ = run_check(capsys, permissive, *denied, "--fail-on-deny", "--format", "json")
+    (line,) = json_lines(out)
+    assert code == 1 and (line["decision"], line["result"]) == ("would-deny", "ok")  # performed anyway
+    invalid = tmp_path / "invalid.yaml"
+    invalid.write_text(POLICY.replace("ops: [write]", "ops: [wirte]"))
+    code, out, _ = run_check(capsys, invalid, *denied, "--fail-on-deny", "--format", "json")
+    assert code == 2 and json_lines(out)[0]["valid"] is False  # invalid stays 2, on one line
+
+
+def gateway_check(*argv: object, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gateway", "check", *map(str, argv)], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT, **kwargs)  # type: ignore[call-overload]
+
+
+def test_exit_codes_of_the_command(policy_file, tmp_path) -> None:
+    denied = ["--request", "open /etc/passwd flags=O_RDWR"]
+    assert gateway_check(policy_file, *denied).returncode == 0
+    assert gateway_check(policy_file, *denied, "--fail-on-deny").returncode == 1
+    invalid = tmp_path / "invalid.yaml"
+    invalid.write_text("version: 1\ndefault: maybe\n")
+    done = gateway_check(invalid, *denied, "--fail-on-deny")
+    assert done.returncode == 2 and "result: INVALID (exit 2)" in done.stdout
+    assert gateway_check(policy_file, "--lint-only", *denied).returncode == 2
+    helped = gateway_check("--help")
+    assert helped.returncode == 0 and "exit status:" in helped.stdout and "141" in helped.stdout
+
+
+@pytest.mark.parametrize("json_output", [True, False])
+def test_a_closed_pipe_ends_quietly_with_141(policy_file, tmp_path, json_output: bool) -> None:
+    reqs_file = tmp_path / "reqs.jsonl"
+    reqs_file.write_text('"lstat /etc/hosts"\n' * 20)
+    argv = [policy_file, "--requests", reqs_file] + (["--format", "json"] if json_output else [])
+    child = subprocess.Popen([sys.executable, "-m", "gateway", "check", *map(str, argv)], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert child.stdout is not None and child.stderr is not None
+    child.stdout.close()  # the reader is gone before anything is written: the first write fails
+    err = child.stderr.read().decode()
+    assert child.wait(timeout=120) == 141 and err == ""
+
+
+@pytest.mark.parametrize("extra", [["--format", "json", "--requests", "REQS"], []])
+def test_head_of_the_output(policy_file, tmp_path, extra: list[str]) -> None:
+    reqs_file = tmp_path / "reqs.jsonl"
+    reqs_file.write_text("".join(f'"lstat /etc/f{i}"\n' for i in range(5000)))
+    argv = " ".join(shlex.quote(str(a).replace("REQS", str(reqs_file))) for a in [policy_file, *extra])
+    script = f"{shlex.quote(sys.executable)} -m gateway check {argv} | head -1; echo ${{PIPESTATUS[0]}} >&2"
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    status = done.stderr.splitlines()[-1]
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
+    first = done.stdout.splitlines()
+    if extra:
+        assert status == "141" and json.loads(first[0])["path"] == "/etc/f0"  # 5000 lines: the pipe closes
+    else:
+        assert status in ("0", "141") and first[0].startswith("policy ")  # small: may be written in time
