@@ -16,7 +16,9 @@ No finding warns about slow globs: every glob is an RE2 program matched in time 
 its cost does not grow with the number of ``**`` (bench/bench_rules.py --worst shows the worst case).
 
 Coverage is proven conservatively: a finding is reported only when it is certain, so a quiet lint does not
-prove that no rule is shadowed, but a reported shadow is real. (Duplicate ids are not findings: the
+prove that no rule is shadowed, but a reported shadow is real. Rules are not compared pairwise: an index by
+op slot and literal path prefix (``_CoverIndex``) yields, for each rule, the few rules that could cover it,
+so linting 10,000 rules takes about as long per rule as linting 100. (Duplicate ids are not findings: the
 loader refuses them, because decisions and audit records name rules by id.)
 """
 
