@@ -18,7 +18,7 @@ its cost does not grow with the number of ``**`` (bench/bench_rules.py --worst s
 Coverage is proven conservatively: a finding is reported only when it is certain, so a quiet lint does not
 prove that no rule is shadowed, but a reported shadow is real. Rules are not compared pairwise: an index by
 op slot and literal path prefix (``_CoverIndex``) yields, for each rule, the few rules that could cover it,
-so linting 10,000 rules takes about as long per rule as linting 100. (Duplicate ids are not findings: the
+so the work grows with the number of rules, not of their pairs. (Duplicate ids are not findings: the
 loader refuses them, because decisions and audit records name rules by id.)
 """
 
@@ -160,15 +160,16 @@ def _never_matches(policy: Policy, rule: Rule) -> str | None:
 
 
 class _CoverIndex:
-    """The live rules, per op slot and path placement, that could cover another rule.
+    """Which live rules could cover another rule, found by op slot and literal path prefix.
 
     ``rule_covers(d, a)`` needs every slot of ``a`` to be a slot of ``d`` and every path alternative of
     ``a`` to be covered by one of ``d``'s, and ``globs.covers_subtree`` proves that only when the two are
     equal, when ``d``'s is ``/**`` or ``**``, or when ``d``'s is a literal prefix + ``/**`` whose prefix
-    starts ``a``'s literal prefix. So, per slot, the index keeps the rules without paths, the rules with an
+    starts ``a``'s literal prefix. So the index keeps the rules without paths, the rules with an
     alternative matching everything, the alternatives by their text, and the subtree alternatives by their
-    literal prefix (the compiler's trie, flattened: ``a``'s prefix is walked from the root). The candidates
-    for ``a`` are a superset of the rules that cover it, and ``rule_covers`` still decides each one.
+    literal prefix (the compiler's trie, flattened: ``a``'s prefix is walked from the root), then keeps the
+    rules having all of ``a``'s slots. The candidates for ``a`` are a superset of the rules that cover it,
+    and ``rule_covers`` still decides each one.
     """
 
     def __init__(self, policy: Policy, live: list[Rule]) -> None:
