@@ -16,7 +16,9 @@ No finding warns about slow globs: every glob is an RE2 program matched in time 
 its cost does not grow with the number of ``**`` (bench/bench_rules.py --worst shows the worst case).
 
 Coverage is proven conservatively: a finding is reported only when it is certain, so a quiet lint does not
-prove that no rule is shadowed, but a reported shadow is real. (Duplicate ids are not findings: the
+prove that no rule is shadowed, but a reported shadow is real. Rules are not compared pairwise: an index by
+op slot and literal path prefix (``_CoverIndex``) yields, for each rule, the few rules that could cover it,
+so the work grows with the number of rules, not of their pairs. (Duplicate ids are not findings: the
 loader refuses them, because decisions and audit records name rules by id.)
 """
 
@@ -157,6 +159,97 @@ def _never_matches(policy: Policy, rule: Rule) -> str | None:
     return None
 
 
+class _CoverIndex:
+    """Which live rules could cover another rule, found by op slot and literal path prefix.
+
+    ``rule_covers(d, a)`` needs every slot of ``a`` to be a slot of ``d`` and every path alternative of
+    ``a`` to be covered by one of ``d``'s, and ``globs.covers_subtree`` proves that only when the two are
+    equal, when ``d``'s is ``/**`` or ``**``, or when ``d``'s is a literal prefix + ``/**`` whose prefix
+    starts ``a``'s literal prefix. So the index keeps the rules without paths, the rules with an
+    alternative matching everything, the alternatives by their text, and the subtree alternatives by their
+    literal prefix (the compiler's trie, flattened: ``a``'s prefix is walked from the root), then keeps the
+    rules having all of ``a``'s slots. The candidates for ``a`` are a superset of the rules that cover it,
+    and ``rule_covers`` still decides each one.
+    """
+
+    def __init__(self, policy: Policy, live: list[Rule]) -> None:
+        # Few containers per rule: on a policy of 10,000 rules, one set per (slot, pattern) made the
+        # garbage collector, not the lint, take most of the time.
+        views = policy.compiled.views
+        self.slots = [frozenset(s for s in r.slots if (r.id, s) in views) for r in live]  # live slots
+        self.no_paths: list[int] = []
+        self.everything: list[int] = []
+        self.text: dict[str, list[int]] = {}
+        self.subtree: dict[tuple[str, ...], list[int]] = {}
+        for pos, rule in enumerate(live):
+            if rule.paths is None:
+                self.no_paths.append(pos)
+                continue
+            for place in rule.paths.placements:
+                if place.pattern in ("/**", "**"):
+                    self.everything.append(pos)
+                _add(self.text, place.pattern, pos)
+                if place.kind == "subtree":
+                    _add(self.subtree, place.prefix, pos)
+
+    def candidates(self, pos: int, rule: Rule) -> list[int]:
+        """Positions, in policy order, of the live rules that may cover ``rule`` (at ``pos``): never
+        one that does not."""
+        found = set(self.no_paths)
+        if rule.paths is not None and not rule.paths.placements:
+            found = set(range(len(self.slots)))  # nothing to cover: any rule covers the paths
+        elif rule.paths is not None:
+            common: set[int] | None = None
+            for place in rule.paths.placements:
+                here = set(self.everything)
+                here.update(self.text.get(place.pattern, ()))
+                if place.pattern.startswith("/"):
+                    for depth in range(len(place.prefix) + 1):
+                        here.update(self.subtree.get(place.prefix[:depth], ()))
+                common = here if common is None else common & here
+                if not common:
+                    break
+            found |= common or set()
+        needs = self.slots[pos]
+        slots = self.slots
+        return sorted(p for p in found if p != pos and needs <= slots[p])
+
+
+def _add(index: dict, key: object, pos: int) -> None:
+    got = index.get(key)
+    if got is None:
+        index[key] = [pos]
+    elif got[-1] != pos:
+        got.append(pos)
+
+
+def _cover_findings(policy: Policy, live: list[Rule]) -> list[Finding]:
+    """Rules another rule always wins over: the first such rule in policy order is named."""
+    ranks = policy.compiled.ranks
+    index = _CoverIndex(policy, live)
+    out = []
+    for pos, a in enumerate(live):
+        for dpos in index.candidates(pos, a):
+            d = live[dpos]
+            # Only a deny over an allow, or a rule of the same effect that takes precedence, is reported:
+            # the others are skipped before the (costlier) proof of coverage.
+            shadow = d.deny and not a.deny
+            if not (shadow or (d.deny == a.deny and ranks[d.id] < ranks[a.id])):
+                continue
+            if not rule_covers(policy, d, a):
+                continue
+            if shadow:
+                out.append(Finding("warning", "shadowed", a.line, a.id,
+                                   f"rule '{a.id}' can never allow: rule '{d.id}' (line {d.line}) denies "
+                                   "everything it matches"))
+            else:
+                out.append(Finding("info", "redundant", a.line, a.id,
+                                   f"rule '{a.id}' never decides: rule '{d.id}' (line {d.line}) matches "
+                                   f"whenever it does and takes precedence (it has the same effect)"))
+            break
+    return out
+
+
 def lint(policy: Policy) -> list[Finding]:
     out: list[Finding] = []
     live = []
@@ -176,21 +269,7 @@ def lint(policy: Policy) -> list[Finding]:
             out.append(Finding("info", "always-enforced", rule.line, rule.id,
                                f"rule '{rule.id}': enforce: always only matters under "
                                "enforcement: permissive"))
-    ranks = policy.compiled.ranks
-    for a in live:
-        for d in live:
-            if d is a or not rule_covers(policy, d, a):
-                continue
-            if d.deny and not a.deny:
-                out.append(Finding("warning", "shadowed", a.line, a.id,
-                                   f"rule '{a.id}' can never allow: rule '{d.id}' (line {d.line}) denies "
-                                   "everything it matches"))
-                break
-            if d.deny == a.deny and ranks[d.id] < ranks[a.id]:
-                out.append(Finding("info", "redundant", a.line, a.id,
-                                   f"rule '{a.id}' never decides: rule '{d.id}' (line {d.line}) matches "
-                                   f"whenever it does and takes precedence (it has the same effect)"))
-                break
+    out += _cover_findings(policy, live)
     out += _ids_findings(policy)
     out += _alias_findings(policy)
     if policy.limits.open_fds is not None:
