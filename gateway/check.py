@@ -43,6 +43,7 @@ from gateway.rules.lint import Finding, lint
 from gateway.rules.model import Decision, Limits, ObjectAttrs, Policy, format_size
 from gateway.rules.replay import ReplayReport, open_log, replay
 from gateway.rules.testing import TestResult, run_tests
+from gateway.tenancy import IdTranslator
 
 PROGRESS_MIN_BYTES = 64 << 20  # below this a log replays in seconds: no progress bar unless on a terminal
 OUTCOME_STYLE = {"allow": "green", "deny": "red", "would-deny": "yellow"}
@@ -111,10 +112,17 @@ class _Out(Console):
         raise BrokenPipeError(errno.EPIPE, "the reader closed the pipe")
 
 
-def root_lookup(root: str) -> Any:
-    """lookup(path) reading a real tree without following symlinks on the way (None when it cannot)."""
+def root_lookup(root: str, ids: Any = None) -> Any:
+    """lookup(path) reading a real tree without following symlinks on the way (None when it cannot).
+    With the policy's id map (``ids``), the owner and group as the guest sees them, as the server shows
+    the rules: the tree holds host ids, the rules speak the guest's."""
+    translate = IdTranslator(ids).attrs_to_guest if ids is not None else None
 
-    def lookup(path: str) -> os.stat_result | None:
+    def lookup(path: str) -> Any:
+        found = read(path)
+        return found if found is None or translate is None else translate(found)
+
+    def read(path: str) -> os.stat_result | None:
         current = root
         parts = [p for p in path.split("/") if p]
         try:
@@ -280,7 +288,7 @@ def _run(args: argparse.Namespace) -> int:
                         "rules": len(policy.rules),
                         "tests": len(policy.tests), "audit_path": policy.audit_path,
                         "ids": _ids_dict(policy.ids), "limits": vars(policy.limits)}
-    lookup = root_lookup(args.root) if args.root else None
+    lookup = root_lookup(args.root, policy.ids) if args.root else None
     why: list[str] = []  # what made the check fail (exit 1)
     try:
         # The decisions first, written and flushed before the lint and the tests run: a script reading the

@@ -96,3 +96,23 @@ def test_a_trail_replayed_against_its_own_policy_changes_nothing(tmp_path: Path)
     done = subprocess.run([*check, "--replay", str(trail), "--fail-on-change"], capture_output=True)
     code = done.returncode
     assert code == 0
+
+
+def test_root_shows_the_rules_the_guests_ids(tmp_path: Path) -> None:
+    """`check --root` reads a host tree, whose owners are host ids; under an id map the rules speak the
+    guest's, so the tree's owners go through the map first (as the server does)."""
+    require_root()
+    tree = tmp_path / "tree"
+    (tree / "home").mkdir(parents=True)
+    for name, owner in (("mine", 101000), ("theirs", 101001)):
+        (tree / "home" / name).write_text("x")
+        os.chown(tree / "home" / name, owner, owner)
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text(POLICY)
+    check = [sys.executable, "-m", "gateway", "check", str(policy_file), "--root", str(tree)]
+    check += ["--format", "json"]
+    decided = {}
+    for name in ("mine", "theirs"):
+        done = subprocess.run([*check, "--request", f"chmod /home/{name} mode=0600"], capture_output=True)
+        decided[name] = json.loads(done.stdout.splitlines()[0])["decision"]
+    assert decided == {"mine": "allow", "theirs": "deny"}, decided
