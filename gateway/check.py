@@ -40,7 +40,7 @@ from gateway.rules import PolicyError, decide, load_policy, loader
 from gateway.rules import requests as reqs
 from gateway.rules.idmap import IdMap, IdRange
 from gateway.rules.lint import Finding, lint
-from gateway.rules.model import Decision, Limits, ObjectAttrs, Policy, format_size
+from gateway.rules.model import Decision, Limits, Policy, format_size
 from gateway.rules.replay import ReplayReport, open_log, replay
 from gateway.rules.testing import TestResult, run_tests
 from gateway.tenancy import IdTranslator
@@ -189,19 +189,6 @@ def _ids_dict(ids: IdMap | None) -> dict[str, Any] | None:
             "unmapped": ids.unmapped, "squash_uid": ids.squash_uid, "squash_gid": ids.squash_gid}
 
 
-def _object_dict(obj: ObjectAttrs) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if obj.owner is not None:
-        out["owner"] = obj.owner
-    if obj.group is not None:
-        out["group"] = obj.group
-    if obj.type is not None:
-        out["type"] = names.FILE_TYPE_NAMES.get(obj.type, obj.type)
-    if obj.mode is not None:
-        out["mode"] = names.mode_text(obj.mode)
-    return out
-
-
 def decision_line(policy: Policy, spec: reqs.RequestSpec, d: Decision) -> dict[str, Any]:
     """One request's JSON line, named as in the audit record. ``result`` is what the server would record
     (an errno name for a deny, ``ok`` otherwise: an allow and a would-deny are performed); a check performs
@@ -213,7 +200,7 @@ def decision_line(policy: Policy, spec: reqs.RequestSpec, d: Decision) -> dict[s
                             "reason": d.reason,
                             "result": names.errno_name(d.errno) if d.outcome == "deny" else "ok"}
     if spec.object is not None:
-        line["object"] = _object_dict(spec.object)
+        line["object"] = reqs.object_record(spec.object)
     if d.explanation is not None:
         line["explain"] = [t._asdict() for t in d.explanation]
     return line

@@ -25,9 +25,10 @@ from gateway.audit import TrailFailed
 from gateway.core.executor import Executor, Result
 from gateway.core.resolve import Resolution
 from gateway.fastloop import CompiledLoop
-from gateway.names import FILE_TYPE_NAMES, errno_name, mode_text
+from gateway.names import errno_name
 from gateway.rules import Decision, Policy, decide
 from gateway.rules.model import ObjectAttrs
+from gateway.rules.requests import object_record
 from gateway.tenancy import IdTranslator, RateLimiter, Refused, check_truncate
 
 if TYPE_CHECKING:
@@ -72,13 +73,7 @@ def object_facts(found: object) -> dict[str, object] | None:
     """The object as a record carries it (null: there was none), in the guest's ids."""
     if found is None:
         return None
-    attrs = found if isinstance(found, ObjectAttrs) else ObjectAttrs.from_stat(found)
-    return {
-        "owner": attrs.owner,
-        "group": attrs.group,
-        "type": FILE_TYPE_NAMES.get(attrs.type, str(attrs.type)) if attrs.type is not None else None,
-        "mode": None if attrs.mode is None else mode_text(attrs.mode),
-    }
+    return object_record(found if isinstance(found, ObjectAttrs) else ObjectAttrs.from_stat(found))
 
 
 @dataclass

@@ -16,10 +16,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from gateway import names
 from gateway.rules import requests
 from gateway.rules.engine import Lookup, decide
-from gateway.rules.model import ObjectAttrs, Policy
+from gateway.rules.model import Policy
 
 MAX_POLICIES = 64  # distinct policy hashes remembered (a log spans a few reloads, not thousands)
 
@@ -133,14 +132,7 @@ def _recorded_object(record: dict[str, Any]) -> object:
         return None
     if not isinstance(facts, dict):
         raise ValueError("object: not an object")
-    kind = facts.get("type")
-    mode = facts.get("mode")
-    return ObjectAttrs(
-        owner=facts.get("owner"),
-        group=facts.get("group"),
-        type=names.FILE_TYPES.get(kind) if isinstance(kind, str) else None,
-        mode=names.parse_mode(mode) & 0o7777 if mode is not None else None,
-    )
+    return requests.object_attrs(facts, yaml_ints=False)
 
 
 def replay(lines: Iterator[bytes], policy: Policy, lookup: Lookup | None = None, *, examples: int = 3,

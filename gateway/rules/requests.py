@@ -143,6 +143,21 @@ def object_attrs(values: dict[str, Any], yaml_ints: bool) -> ObjectAttrs | None:
     )
 
 
+def object_record(attrs: ObjectAttrs) -> dict[str, Any]:
+    """Object attributes as a record or a JSON line carries them (``object_attrs`` reads them back):
+    owner, group, type by name, mode as octal text, each only when known."""
+    out: dict[str, Any] = {}
+    if attrs.owner is not None:
+        out["owner"] = attrs.owner
+    if attrs.group is not None:
+        out["group"] = attrs.group
+    if attrs.type is not None:
+        out["type"] = names.FILE_TYPE_NAMES.get(attrs.type, attrs.type)
+    if attrs.mode is not None:
+        out["mode"] = names.mode_text(attrs.mode)
+    return out
+
+
 def build(op: Any, values: dict[str, Any], *, yaml_ints: bool = False) -> RequestSpec:
     """A request from an op name and a mapping of its fields (plus object attributes)."""
     if not isinstance(op, str) or op.lower() not in names.OPS_BY_NAME:
