@@ -147,24 +147,6 @@ cdef inline bint _plain_byte(unsigned char c) noexcept nogil:
     return 0x20 <= c <= 0x7E and c != 0x22 and c != 0x5C
 
 
-cdef int _tail_size(uint32_t rtype) noexcept nogil:
-    if rtype == T_CREATE:
-        return 16
-    if rtype == T_UTIME:
-        return 32
-    if rtype == T_OPEN or rtype == T_READLINK or rtype == T_CHMOD:
-        return 4
-    return 0
-
-
-cdef int _shape(uint32_t rtype) noexcept nogil:
-    if rtype == T_OPEN or rtype == T_CREATE:
-        return SHAPE_FD
-    if rtype == T_CHMOD or rtype == T_UTIME or rtype == T_REMOVE:
-        return SHAPE_STATUS
-    return SHAPE_PAYLOAD
-
-
 _quote = _writer.quote
 # The signals whose Python handlers the loop wraps (see fastloop_c.h): reload, reopen, interrupt.
 _WRAPPED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGINT)
@@ -177,6 +159,14 @@ SERVED_TYPES = frozenset(_SERVED)  # the request types the compiled loop can ser
 cdef uint32_t _SERVED_MASK = 0
 for _t in _SERVED:
     _SERVED_MASK |= 1 << _t
+# Per served type, from the protocol's own tables: the size of its fixed fields after the path
+# (protocol.LAYOUTS, as _CLASSES unpacks them) and its reply's shape (protocol.reply_shape).
+cdef int _TAIL[32]
+cdef int _SHAPE[32]
+_SHAPES = {p.ReplyShape.FD: SHAPE_FD, p.ReplyShape.STATUS: SHAPE_STATUS, p.ReplyShape.PAYLOAD: SHAPE_PAYLOAD}
+for _t in _SERVED:
+    _TAIL[_t] = _CLASSES[_t][1].size
+    _SHAPE[_t] = _SHAPES[p.reply_shape(p.RequestType(_t))]
 
 
 cdef class CompiledLoop:
@@ -444,13 +434,13 @@ cdef class CompiledLoop:
         cdef Entry *entry
         cdef unsigned char reply[8 + 2 + PATH_MAX + 8]
         cdef unsigned char tail_buf[32]
-        if not self._canonical(start, size, _tail_size(rtype)):
+        if not self._canonical(start, size, _TAIL[rtype]):
             return HANDED
         if self.trail is not None and not self.trail.ok:
             return HANDED
         if self.tail_len:
             memcpy(tail_buf, self.rbuf + self.tail_off, self.tail_len)
-        shape = _shape(rtype)
+        shape = _SHAPE[rtype]
         # Resolve once (gateway/core/resolve.py's forms, for the shapes served here).
         if rtype == T_OPEN:
             flags = <int> gw_get32(tail_buf)
