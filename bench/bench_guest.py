@@ -56,6 +56,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.common import filesystem_of  # noqa: E402
 from bench.policy_gen import path_policy  # noqa: E402
 from tests.guest import harness  # noqa: E402
 
@@ -480,20 +481,6 @@ def gateway_version() -> str:
 
 def qemu_version() -> str:
     return _run([harness.QEMU, "--version"]).splitlines()[0]
-
-
-def filesystem_of(path: Path) -> str:
-    """The type of the file system path is on (from /proc/self/mounts: the longest matching mount point)."""
-    best, fstype = "", "?"
-    real = os.path.realpath(path)
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            _dev, mnt, kind = line.split()[:3]
-            mnt = mnt.replace("\\040", " ")
-            inside = real == mnt or real.startswith(mnt.rstrip("/") + "/")
-            if inside and len(mnt) > len(best):
-                best, fstype = mnt, kind
-    return f"{fstype} ({best})"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

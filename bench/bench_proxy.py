@@ -83,6 +83,7 @@ BENCH = Path(__file__).resolve().parent
 if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
+from common import filesystem_of  # noqa: E402
 from policy_gen import path_policy  # noqa: E402
 
 from gateway import paths as gpaths  # noqa: E402
@@ -724,20 +725,6 @@ def pick_cpus(args: argparse.Namespace) -> tuple[int | None, int | None, str]:
     server = args.server_cpu if args.server_cpu is not None else cpus[0]
     client = args.client_cpu if args.client_cpu is not None else next(c for c in cpus if c != server)
     return server, client, ""
-
-
-def filesystem_of(path: Path) -> str:
-    """The type of the file system path is on (from /proc/self/mounts: the longest matching mount point)."""
-    best, fstype = "", "?"
-    real = os.path.realpath(path)
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            _dev, mnt, kind = line.split()[:3]
-            mnt = mnt.replace("\\040", " ")
-            inside = real == mnt or real.startswith(mnt.rstrip("/") + "/")
-            if inside and len(mnt) > len(best):
-                best, fstype = mnt, kind
-    return f"{fstype} ({best})"
 
 
 def gateway_version(tree: Path) -> str:
