@@ -35,7 +35,7 @@ holds the system calls, each the C form of a step gateway/core defines.
 """
 
 from libc.stdint cimport uint16_t, uint32_t, uint64_t, int64_t
-from libc.string cimport memcpy, memmove, memcmp, strlen
+from libc.string cimport memcpy, memmove, memcmp
 from libc.stdlib cimport malloc, calloc, free
 from libc.errno cimport errno
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
@@ -87,8 +87,8 @@ cdef extern from "fastloop_c.h" nogil:
     int gw_wrap_signal(int sig, int sock)
     void gw_unwrap_signal(int sig)
     int gw_signals_seen(int sock)
-    int O_PATH, O_CLOEXEC, O_DIRECTORY, O_RDONLY, O_NONBLOCK, O_NOFOLLOW, O_CREAT, O_EXCL, O_NOCTTY
-    int O_TMPFILE, S_IFDIR, S_IFLNK, AT_SYMLINK_NOFOLLOW
+    int O_PATH, O_CLOEXEC, O_DIRECTORY, O_NOFOLLOW, O_CREAT
+    int O_TMPFILE, S_IFDIR, AT_SYMLINK_NOFOLLOW
     uint64_t UTIME_OMIT
     int openat(int dirfd, const char *path, int flags)
     int close(int fd)
