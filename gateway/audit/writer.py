@@ -73,6 +73,7 @@ from typing import Any
 
 from gateway.audit.fields import FIELD_ORDER, FIELD_SPECS, request_fragment, text
 from gateway.audit.syslog import DEFAULT_ADDRESS, SyslogSink
+from gateway.logfmt import kv
 
 log = logging.getLogger("gateway.audit")
 
@@ -424,7 +425,7 @@ class AuditWriter:
         """Latch: from now on nothing is written and every request is refused."""
         if self._failed is None:
             self._failed = f"audit trail {self.path} failed earlier ({why}): refusing every request"
-            log.error("%s", self._failed)
+            log.error("audit trail failed %s", kv(path=self.path, error=why, requests="refused"))
 
     @property
     def failed(self) -> str | None:
@@ -522,7 +523,7 @@ class AuditWriter:
             # daemon's queue, net.unix.max_dgram_qlen datagrams, is full). The console says so itself.
             extra = _members({"audit_dropped": {"syslog": self.syslog_dropped}}, frozenset())
         if self._fd < 0:
-            log.error("audit record %r not written: the trail is closed", event)
+            log.error("audit record not written %s", kv(event=event, reason="the trail is closed"))
             return False
         self._busy = True
         try:
@@ -532,7 +533,7 @@ class AuditWriter:
             written = True
         except OSError as exc:
             self._fail(exc.strerror or str(exc))
-            log.error("audit record %r not written: %s", event, exc.strerror or exc)
+            log.error("audit record not written %s", kv(event=event, error=exc.strerror or str(exc)))
             written = False
         finally:
             self._busy = False
