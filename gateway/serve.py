@@ -95,6 +95,49 @@ def build_parser(prog: str = "gateway serve") -> argparse.ArgumentParser:
     return parser
 
 
+# Help text and metavar of each option, by dest, for the man pages and shell completions
+# (gateway.cli.build_parser); the parser that serves keeps the reference's terse usage. Every option
+# build_parser() adds needs an entry here: tests/test_cli_docs.py fails on one that has none.
+OPTION_HELP: dict[str, tuple[str | None, str]] = {
+    "path": ("DIR", "the directory to export (the gateway chroots into it)"),
+    "fd": ("FD", "an inherited, connected socket to serve (QEMU: -fsdev proxy,sock_fd=...)"),
+    "socket": ("SOCK", "create this Unix socket and accept the client on it (needs -u and -g); under "
+               "socket activation (LISTEN_FDS) the inherited listener bound to this path"),
+    "uid": ("UID", "the owner given to the socket file (numeric)"),
+    "gid": ("GID", "the group given to the socket file (numeric)"),
+    "nodaemon": (None, "stay in the foreground and log to stderr (default: daemonise, log to syslog)"),
+    "help": (None, "show the usage and exit"),
+    "policy": ("FILE", "the policy to enforce (default: the built-in baseline)"),
+    "tenant": ("NAME", "the tenant stamped on every record; with --policy-dir, the policy DIR/NAME.yaml"),
+    "policy_dir": ("DIR", "the directory of per-tenant policies (with --tenant)"),
+    "audit_log": ("FILE", "the audit trail (default: the policy's audit.path, else "
+                  "/var/log/gateway/TENANT@CHANNEL.jsonl, CHANNEL from the socket path or the export)"),
+    "audit_sync": (None, "fsync after every record, at most once a second (default), or never"),
+    "audit_syslog": (None, "also send each record to /dev/log (RFC 5424, structured data)"),
+    "console": (None, "with -n: draw a live line per decision on stdout"),
+    "seccomp": (None, "the system-call filter's action for a forbidden call (default: kill)"),
+    "landlock": (None, "do not apply Landlock (the other walls stand)"),
+    "persist": (None, "when the client goes away, accept the next one (a fresh session record each "
+                "time) instead of exiting; what the systemd unit runs"),
+}
+
+
+def documented_parser(prog: str = "gateway serve") -> argparse.ArgumentParser:
+    """build_parser() with each option's help and metavar from OPTION_HELP (KeyError: one has none)."""
+    parser = build_parser(prog)
+    for action in parser._actions:
+        metavar, text = OPTION_HELP[action.dest]
+        action.help = text
+        if metavar is not None and action.nargs != 0:
+            action.metavar = metavar
+    parser.usage = None
+    parser.description = (
+        "Serve a guest's 9p proxy requests: virtfs-proxy-helper's options, each request decided by a "
+        "policy, performed beneath the export's root and recorded in a hash-chained audit trail."
+    )
+    return parser
+
+
 def parse_options(argv: list[str], prog: str) -> argparse.Namespace:
     """The reference's validation, message for message."""
     opts = build_parser(prog).parse_args(argv)
@@ -108,6 +151,9 @@ def parse_options(argv: list[str], prog: str) -> argparse.Namespace:
         raise UsageError(
             "owner uid:gid not specified, owner uid:gid specifies who can access the socket file"
         )
+    if opts.console and not opts.nodaemon:
+        # a daemon's stdout is /dev/null: the console would draw for nobody
+        raise UsageError("--console needs -n|--nodaemon (a daemon has no terminal to draw on)")
     return opts
 
 
