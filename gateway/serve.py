@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import errno
 import gc
 import logging
 import os
@@ -21,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from gateway import __version__, fastloop, landlock, signals
-from gateway.audit import AuditWriter
+from gateway.audit import AuditError, AuditWriter
 from gateway.core.executor import Executor, getversion_supported
 from gateway.rules import Policy, PolicyError, load_policy, load_policy_bytes, loader
 from gateway.sandbox import SandboxConfig, confine
@@ -38,7 +39,8 @@ USAGE = """usage: {prog}
  [-n|--nodaemon] Run as a normal program
  gateway's own options:
  [--policy FILE | --policy-dir DIR --tenant NAME] the policy (default: the built-in baseline)
- [--audit-log FILE] the trail (default: the policy's audit.path, else /var/log/gateway/<tenant>.jsonl)
+ [--audit-log FILE] the trail (default: the policy's audit.path, else
+ 	/var/log/gateway/<tenant>@<socket path, or fd-<export>>.jsonl)
  [--audit-sync every|interval|never] [--audit-syslog] [--console] (with -n: a live rich view)
  [--seccomp kill|trap|log|errno|none] [--no-landlock]
 """
@@ -266,22 +268,49 @@ def policy_location(opts: argparse.Namespace) -> Path:
     return BASELINE
 
 
+def trail_channel(opts: argparse.Namespace) -> str:
+    """What makes this gateway's default trail its own: the socket path (-s; one process can bind it at
+    a time), else the export (-f: an inherited fd has no name of its own, and one export is served by
+    one gateway)."""
+    if opts.socket is not None:
+        return os.path.abspath(opts.socket)
+    return "fd-" + os.path.abspath(opts.path).lstrip("/")
+
+
 def open_trail(opts: argparse.Namespace, policy: Policy, tenant: str) -> AuditWriter:
-    """--audit-log, else the policy's audit.path, else /var/log/gateway/<tenant>.jsonl: never nowhere."""
-    path = opts.audit_log or policy.audit_path  # None: the writer takes default_audit_path(tenant)
+    """--audit-log, else the policy's audit.path, else /var/log/gateway/<tenant>@<channel>.jsonl (see
+    trail_channel): never nowhere, and two gateways started alike never share a default.
+
+    A trail another gateway holds is refused (AuditError), saying which option gives this one its own."""
+    path = opts.audit_log or policy.audit_path  # None: the writer takes default_audit_path(tenant, channel)
+    channel = trail_channel(opts)
     console = None
     if opts.console:
         from gateway.audit.console import start_console_renderer
 
         console = start_console_renderer()
-    return AuditWriter.open(
-        path,
-        tenant=tenant,
-        policy_hash=policy.hash,
-        sync=opts.audit_sync,
-        syslog=opts.audit_syslog,
-        console=console,
-    )
+    try:
+        return AuditWriter.open(
+            path,
+            tenant=tenant,
+            policy_hash=policy.hash,
+            sync=opts.audit_sync,
+            syslog=opts.audit_syslog,
+            console=console,
+            channel=channel,
+        )
+    except AuditError as exc:
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise
+        if opts.audit_log:
+            hint = "give this gateway a trail of its own with --audit-log FILE"
+        elif policy.audit_path:
+            hint = (f"it is the policy's audit.path ({policy.audit_path}); give this gateway a trail of its "
+                    "own with --audit-log FILE")  # fmt: skip
+        else:
+            hint = (f"it is the default trail of tenant {tenant!r} on {channel}; give this gateway a trail "
+                    "of its own with --audit-log FILE, or another --tenant NAME")  # fmt: skip
+        raise AuditError(exc.errno, f"{exc.strerror}: {hint}") from None
 
 
 def release_startup_memory() -> None:
