@@ -40,7 +40,7 @@ USAGE = """usage: {prog}
  gateway's own options:
  [--policy FILE | --policy-dir DIR --tenant NAME] the policy (default: the built-in baseline)
  [--audit-log FILE] the trail (default: the policy's audit.path, else
- 	/var/log/gateway/<tenant>@<socket path, or fd-<export>>.jsonl)
+   /var/log/gateway/<tenant>@<socket path, or fd-<export>>.jsonl)
  [--audit-sync every|interval|never] [--audit-syslog] [--console] (with -n: a live rich view)
  [--seccomp kill|trap|log|errno|none] [--no-landlock]
 """
