@@ -148,8 +148,9 @@ cdef inline bint _plain_byte(unsigned char c) noexcept nogil:
 
 
 _quote = _writer.quote
-# The signals whose Python handlers the loop wraps (see fastloop_c.h): reload, reopen, interrupt.
-_WRAPPED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGINT)
+# The signals whose Python handlers the loop wraps (see fastloop_c.h): reload, reopen, the reload
+# worker's "ready" (gateway.reload_worker), interrupt.
+_WRAPPED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
 
 include "fastloop_table.pxi"
 include "fastloop_trail.pxi"
@@ -265,11 +266,13 @@ cdef class CompiledLoop:
         cdef uint32_t rtype, size
         cdef Py_ssize_t avail, frame
         cdef ssize_t n
-        cdef int r
+        cdef int r, e
         try:
             for sig in _WRAPPED_SIGNALS:
                 if gw_wrap_signal(sig, self.sock_fd) < 0:
                     raise OSError(errno, f"sigaction({sig}): {os.strerror(errno)}")
+            if self.server.signals_pending:
+                self._signals()  # those that came while no loop was serving (waiting for the client)
             while True:
                 avail = self.rend - self.rpos
                 if avail >= 8:
@@ -307,13 +310,17 @@ cdef class CompiledLoop:
                 # No poll before the read (one system call less per request): a signal interrupts the
                 # blocking recv, and one that lands just before it makes it return at once (EAGAIN,
                 # the receive timeout its wrapped handler sets: fastloop_c.h).
-                n = recv(self.sock_fd, self.rbuf + self.rend, RBUF - self.rend, 0)
+                # The GIL is let go while waiting, so that a policy reload compiling in its thread
+                # (gateway.reload_worker) runs while the guest is idle, and between two requests.
+                with nogil:
+                    n = recv(self.sock_fd, self.rbuf + self.rend, RBUF - self.rend, 0)
+                    e = errno
                 if n < 0:
-                    if errno == EINTR or errno == EAGAIN:
+                    if e == EINTR or e == EAGAIN:
                         self._signals()
                         continue
                     self._push()
-                    self.stats.end = f"read error: {os.strerror(errno)}"
+                    self.stats.end = f"read error: {os.strerror(e)}"
                     return self.stats
                 if n == 0:
                     # EOF: what is left is a truncated frame (Fatal) or nothing (Closed).
@@ -340,7 +347,7 @@ cdef class CompiledLoop:
         server = self.server
         if self.wakeup_fd >= 0:
             server._take_wakeup()
-        if server._reload_pending or server._reopen_pending:
+        if server.signals_pending:
             server.act_on_signals()
         self._pull()
         return 0
