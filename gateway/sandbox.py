@@ -92,6 +92,14 @@ class SandboxConfig:
 
 def confine(config: SandboxConfig, export_fd: int) -> SandboxState:
     """Steps 2-7 above, in order. Raises OSError when a step that must succeed fails."""
+    state = build_walls(config, export_fd)
+    lock_down(config, state)
+    return state
+
+
+def build_walls(config: SandboxConfig, export_fd: int) -> SandboxState:
+    """Steps 2-5: what a fork inherits, so a daemon can have them in place (and report their failure on
+    stderr) before it detaches."""
     state = SandboxState()
     enter_export(config.export, state)
     drop_capabilities(state)
@@ -105,6 +113,11 @@ def confine(config: SandboxConfig, export_fd: int) -> SandboxState:
             state.landlock_paths = [g.label for g in grants]
         else:
             state.notes.append("Landlock unavailable in this kernel: not applied")
+    return state
+
+
+def lock_down(config: SandboxConfig, state: SandboxState) -> None:
+    """The threads started inside the walls, then steps 6 and 7 (no fork is possible after them)."""
     if config.start_threads is not None:
         config.start_threads()
     set_rlimits(config.max_open_files, state)
@@ -112,7 +125,6 @@ def confine(config: SandboxConfig, export_fd: int) -> SandboxState:
     state.seccomp = config.seccomp
     if config.seccomp == "none":
         state.notes.append("SECCOMP FILTER DISABLED (--seccomp none): every system call is allowed")
-    return state
 
 
 def set_rlimits(max_open_files: int, state: SandboxState) -> None:

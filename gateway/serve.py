@@ -26,7 +26,7 @@ from gateway.core.executor import Executor, getversion_supported
 from gateway.endpoint import StartupError, close_inherited_fds, open_endpoint, peer_credentials
 from gateway.reload_worker import ReloadWorker
 from gateway.rules import Policy, PolicyError, load_policy, load_policy_bytes, loader
-from gateway.sandbox import SandboxConfig, confine
+from gateway.sandbox import SandboxConfig, build_walls, lock_down
 from gateway.server import Server
 
 log = logging.getLogger("gateway")
@@ -181,19 +181,18 @@ class DevLogHandler(logging.Handler):
             self.sock.send(f"<{priority}>{self.format(record)}".encode(errors="replace"))
 
 
-def daemonize() -> None:
-    """daemon(0, 0): detach from the terminal and session, cwd /, stdio to /dev/null."""
+def daemonize(null: int) -> None:
+    """daemon(0, 0): detach from the terminal and session, cwd /, stdio to /dev/null. null: /dev/null,
+    opened before the chroot (the export has none)."""
     if os.fork() > 0:
         os._exit(0)
     os.setsid()
     if os.fork() > 0:
         os._exit(0)
     os.chdir("/")
-    null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(null, fd)
-    if null > 2:
-        os.close(null)
+    os.close(null)
 
 
 BASELINE = Path(__file__).with_name("rules") / "baseline.yaml"
@@ -310,9 +309,6 @@ def run(argv: list[str], prog: str = "gateway serve") -> int:
         print(f"{prog}: warning: /dev/log is not there: the daemon's log lines are lost", file=sys.stderr)
     for note in trail.notes:  # e.g. --audit-syslog without /dev/log: said here, not only in a record
         print(f"{prog}: warning: {note}", file=sys.stderr)
-    if not opts.nodaemon:
-        daemonize()
-    log.info("Started")
 
     # Everything the server will need is opened now, before the chroot and the filter.
     export = os.path.abspath(opts.path)
@@ -328,18 +324,27 @@ def run(argv: list[str], prog: str = "gateway serve") -> int:
     ]
     if opts.seccomp == "none":
         log.warning("WARNING: --seccomp none: the gateway serves WITHOUT its system-call filter")
+    null = -1 if opts.nodaemon else os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     release_startup_memory()
     # Confined before waiting: a gateway whose VM has not started yet is already what it will be while
     # serving (gateway inspect says so). accept() needs no path; the filter allows it on the listener only.
+    # The walls a fork inherits go up before the daemon detaches, so that their failure is heard.
+    config = SandboxConfig(
+        export, seccomp=opts.seccomp, landlock=opts.landlock, grants=grants,
+        accept_fd=endpoint.accept_fd, start_threads=lambda: start_reload_worker(server),
+    )  # fmt: skip
     try:
         os.umask(0)
-        state = confine(
-            SandboxConfig(
-                export, seccomp=opts.seccomp, landlock=opts.landlock, grants=grants,
-                accept_fd=endpoint.accept_fd, start_threads=lambda: start_reload_worker(server),
-            ),
-            root_fd,
-        )
+        state = build_walls(config, root_fd)
+    except OSError as exc:
+        print(f"{prog}: confinement failed: {exc}", file=sys.stderr)
+        trail.lifecycle("stop", reason=f"confinement failed: {exc}")
+        return 1
+    if not opts.nodaemon:
+        daemonize(null)
+    log.info("Started")
+    try:
+        lock_down(config, state)  # threads, rlimits, the filter: after the fork, which they forbid
     except OSError as exc:
         log.critical("confinement failed: %s", exc)
         trail.lifecycle("stop", reason=f"confinement failed: {exc}")
