@@ -11,15 +11,42 @@ The model is virtiofsd's seccomp.rs.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import signal
 import socket
+import sys
 import termios
-
-import pyseccomp as sc
+import types
 
 from gateway.syscalls import FS_IOC_GETVERSION
+
+# The sonames pyseccomp looks up (Debian's libc6 and libseccomp2).
+_SONAMES = {"c": "libc.so.6", "seccomp": "libseccomp.so.2"}
+
+
+def _import_pyseccomp() -> types.ModuleType:
+    """pyseccomp finds its libraries with ctypes.util.find_library, which runs ldconfig (a fork and an
+    exec at every start) and imports subprocess, tempfile and shutil: about 1 MiB resident in every
+    gateway, for two names that are fixed. It is imported with a find_library that names them."""
+    if "ctypes.util" in sys.modules:
+        import pyseccomp
+
+        return pyseccomp
+    stub = types.ModuleType("ctypes.util")
+    stub.find_library = _SONAMES.get  # type: ignore[attr-defined]
+    sys.modules["ctypes.util"] = stub
+    ctypes.util = stub  # type: ignore[attr-defined]
+    try:
+        import pyseccomp
+    finally:
+        del sys.modules["ctypes.util"]
+        del ctypes.util  # type: ignore[attr-defined]
+    return pyseccomp
+
+
+sc = _import_pyseccomp()
 
 # Imported at load time, not lazily: after chroot and the filter nothing can be imported.
 
