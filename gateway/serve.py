@@ -27,7 +27,7 @@ from gateway.endpoint import StartupError, close_inherited_fds, open_endpoint, p
 from gateway.reload_worker import ReloadWorker
 from gateway.rules import Policy, PolicyError, load_policy, load_policy_bytes, loader
 from gateway.sandbox import SandboxConfig, build_walls, lock_down
-from gateway.server import Server
+from gateway.server import STOPPED, Server, ServeStats, StopRequested
 
 log = logging.getLogger("gateway")
 
@@ -317,7 +317,9 @@ def run(argv: list[str], prog: str = "gateway serve") -> int:
     executor = Executor(root_fd, proc_fd, getversion_supported=getversion_supported(root_fd))
     server = Server(None, executor, policy, trail)
     server.reloader, policy_dir_fd = policy_reloader(policy_path)
-    server.wakeup_fd = signals.install(server.request_reload, server.request_reopen, server.request_wakeup)
+    server.wakeup_fd = signals.install(
+        server.request_reload, server.request_reopen, server.request_wakeup, server.request_stop
+    )
     grants = [
         (trail.dirfd, landlock.AUDIT_DIR, os.path.dirname(trail.path)),
         (policy_dir_fd, landlock.READ_ONLY, str(policy_path.parent)),
@@ -362,10 +364,16 @@ def run(argv: list[str], prog: str = "gateway serve") -> int:
     label = f"tenant {tenant}" if tenant else "gateway"
     notifier.notify(READY=1, STATUS=f"{label}: waiting for a client on {endpoint.describe()}")
     sessions = 0
-    while True:
+    stats = ServeStats()
+    while not server.stop_requested:
         try:
+            server.waiting_for_client = True  # a stop signal now raises StopRequested (once: it clears this)
             client = endpoint.next_client()
+            server.waiting_for_client = False
+        except StopRequested:
+            break
         except OSError as exc:
+            server.waiting_for_client = False
             log.critical("accept failed: %s", exc)
             trail.lifecycle("stop", reason=f"accept failed: {exc.strerror}", sessions=sessions)
             notifier.notify(STOPPING=1)
@@ -384,6 +392,8 @@ def run(argv: list[str], prog: str = "gateway serve") -> int:
         if not opts.persist:
             break
         notifier.notify(STATUS=f"{label}: {sessions} client(s) served, waiting for the next")
+    if server.stop_requested:
+        stats.end = STOPPED  # whenever it came: while waiting, serving, or between two clients
     notifier.notify(STOPPING=1, STATUS=f"{label}: stopping ({stats.end})")
     trail.lifecycle(
         "stop", reason=stats.end, requests=stats.requests, denied=stats.denied, malformed=stats.malformed,

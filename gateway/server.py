@@ -77,6 +77,13 @@ def object_facts(found: object) -> dict[str, object] | None:
     return object_record(found if isinstance(found, ObjectAttrs) else ObjectAttrs.from_stat(found))
 
 
+STOPPED = "stopped by a signal (SIGTERM or SIGINT)"
+
+
+class StopRequested(Exception):
+    """Raised by the stop signal's handler while the gateway waits for a client (nothing to finish)."""
+
+
 @dataclass
 class ServeStats:
     requests: int = 0
@@ -106,6 +113,9 @@ class Server:
         # in the loop, as a Server built by a test does.
         self.reload_worker: ReloadWorker | None = None
         self._served_at_reload: int | None = None  # the request count when the worker was asked
+        self.stop_requested = False  # SIGTERM/SIGINT: the session ends between two requests
+        # Set only around accept(): there a stop signal unwinds the wait at once (nothing is half done).
+        self.waiting_for_client = False
         self.wakeup_fd: int | None = None  # signals.install()'s pipe: wakes the idle loop for them
         self.loop: CompiledLoop | None = None  # the loop serving (its counters: served, handed)
 
@@ -149,11 +159,24 @@ class Server:
 
     @property
     def signals_pending(self) -> bool:
-        return self._reload_pending or self._reopen_pending or self._reload_ready
+        return self._reload_pending or self._reopen_pending or self._reload_ready or self.stop_requested
 
-    def act_on_signals(self) -> None:
+    def request_stop(self) -> None:
+        """SIGTERM or SIGINT: end the session between two requests, with its records (the trail's stop
+        and final checkpoint, systemd's STOPPING=1). Waiting for a client, there is no request to finish:
+        StopRequested unwinds the wait (accept) at once; anywhere else the flag is acted on as soon as
+        the loop looks (a record is never cut in two)."""
+        self.stop_requested = True
+        if self.loop is not None:
+            self.loop.signalled = True
+        if self.waiting_for_client:
+            self.waiting_for_client = False  # a second signal must not raise in the first one's handling
+            raise StopRequested()
+
+    def act_on_signals(self) -> bool:
         """Between two requests: one reopen and one reload for however many signals came meanwhile
-        (a storm coalesces; the requests waiting are served before the next one)."""
+        (a storm coalesces; the requests waiting are served before the next one). False: stop serving
+        (SIGTERM or SIGINT)."""
         if self.wakeup_fd is not None:
             self._take_wakeup()  # its bytes belong to the signals acted on now: no second reload later
         if self._reopen_pending:
@@ -179,6 +202,10 @@ class Server:
                     outcome.policy, outcome.error,
                     compile_s=round(outcome.seconds, 3), served_meanwhile=max(0, meanwhile),
                 )  # fmt: skip
+        if self.stop_requested:
+            self.stats.end = STOPPED
+            return False
+        return True
 
     def _take_wakeup(self) -> None:
         """Empty the wakeup pipe into the flags (its signal numbers too, should a handler not have run)."""
@@ -355,8 +382,8 @@ class Server:
             self.stats.requests += 1
             try:
                 self.reply(event, self.handle(event))  # type: ignore[arg-type]
-                if self.signals_pending:
-                    self.act_on_signals()
+                if self.signals_pending and not self.act_on_signals():
+                    return False
             except OSError as exc:
                 self.stats.end = f"write error: {exc.strerror}"
                 return False

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -303,3 +304,35 @@ def test_persist_serves_one_client_after_another(export: Path, tmp_path: Path) -
         assert proc.poll() is None  # still waiting for the next one
     sessions = [r for r in _records(tmp_path / "trail.jsonl") if r["event"] == "session"]
     assert [s["session"] for s in sessions] == [1, 2, 3]
+
+
+# -- stopping: SIGTERM (systemctl stop) and SIGINT end with the records, not mid-instruction --------------
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_while_waiting_ends_with_a_stop_record(export: Path, tmp_path: Path, sig: int) -> None:
+    require_root()
+    with _notify_socket(tmp_path) as notify:
+        env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")}
+        with _named(export, tmp_path, "--persist", env=env) as proc:
+            messages = _messages(notify)
+            assert next(messages)["READY"] == "1"
+            os.kill(proc.pid, sig)
+            assert proc.wait(10) == 0
+            assert next(messages)["STOPPING"] == "1"
+    stop = _records(tmp_path / "trail.jsonl")[-1]
+    assert stop["event"] == "stop" and "stopped by a signal" in str(stop["reason"])
+
+
+def test_sigterm_while_serving_answers_the_request_in_flight_then_stops(export: Path, tmp_path: Path) -> None:
+    require_root()
+    with _named(export, tmp_path) as proc:
+        with Client.connect(str(tmp_path / "g.sock"), timeout=10) as c:
+            replies = [c.lstat(b"/file").size for _ in range(50)]
+            os.kill(proc.pid, signal.SIGTERM)
+            assert proc.wait(10) == 0
+        assert replies == [12] * 50
+    records = _records(tmp_path / "trail.jsonl")
+    assert [r["seq"] for r in records] == list(range(1, len(records) + 1))  # the chain whole to the end
+    assert records[-1]["event"] == "stop" and records[-1]["requests"] == 50
+    assert "stopped by a signal" in str(records[-1]["reason"])
