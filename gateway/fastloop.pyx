@@ -149,8 +149,9 @@ cdef inline bint _plain_byte(unsigned char c) noexcept nogil:
 
 
 _quote = _writer.quote
-# The signals whose Python handlers the loop wraps (see fastloop_c.h): reload, reopen, interrupt.
-_WRAPPED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGINT)
+# The signals whose Python handlers the loop wraps (see fastloop_c.h): reload, reopen, the reload
+# worker's "ready" (gateway.reload_worker), stop.
+_WRAPPED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT, signal.SIGTERM)
 
 include "fastloop_table.pxi"
 include "fastloop_trail.pxi"
@@ -266,11 +267,14 @@ cdef class CompiledLoop:
         cdef uint32_t rtype, size
         cdef Py_ssize_t avail, frame
         cdef ssize_t n
-        cdef int r
+        cdef int r, e
+        cdef bint stop
         try:
             for sig in _WRAPPED_SIGNALS:
                 if gw_wrap_signal(sig, self.sock_fd) < 0:
                     raise OSError(errno, f"sigaction({sig}): {os.strerror(errno)}")
+            if self.server.signals_pending and self._signals():
+                return self.stats  # those that came while no loop was serving (waiting for the client)
             while True:
                 avail = self.rend - self.rpos
                 if avail >= 8:
@@ -288,8 +292,7 @@ cdef class CompiledLoop:
                         if r == END:
                             return self.stats
                         PyErr_CheckSignals()  # run the handlers of signals that came meanwhile
-                        if self.signalled:
-                            self._signals()
+                        stop = self.signalled and self._signals()
                         self.rpos += frame
                         if r == SERVED:
                             self.served += 1
@@ -297,6 +300,8 @@ cdef class CompiledLoop:
                             self.handed += 1
                             if not self._hand_over(self.rpos - frame, frame):
                                 return self.stats
+                        if stop:
+                            return self.stats  # after this frame's reply: no request is cut short
                         if self.rpos == self.rend:
                             self.rpos = self.rend = 0
                         continue
@@ -308,13 +313,18 @@ cdef class CompiledLoop:
                 # No poll before the read (one system call less per request): a signal interrupts the
                 # blocking recv, and one that lands just before it makes it return at once (EAGAIN,
                 # the receive timeout its wrapped handler sets: fastloop_c.h).
-                n = recv(self.sock_fd, self.rbuf + self.rend, RBUF - self.rend, 0)
+                # The GIL is let go while waiting, so that a policy reload compiling in its thread
+                # (gateway.reload_worker) runs while the guest is idle, and between two requests.
+                with nogil:
+                    n = recv(self.sock_fd, self.rbuf + self.rend, RBUF - self.rend, 0)
+                    e = errno
                 if n < 0:
-                    if errno == EINTR or errno == EAGAIN:
-                        self._signals()
+                    if e == EINTR or e == EAGAIN:
+                        if self._signals():
+                            return self.stats
                         continue
                     self._push()
-                    self.stats.end = f"read error: {os.strerror(errno)}"
+                    self.stats.end = f"read error: {os.strerror(e)}"
                     return self.stats
                 if n == 0:
                     # EOF: what is left is a truncated frame (Fatal) or nothing (Closed).
@@ -332,7 +342,9 @@ cdef class CompiledLoop:
             self._push()
 
     cdef int _signals(self) except -1:
-        """Run the Python handlers of the signals that came, and act on them (between two requests)."""
+        """Run the Python handlers of the signals that came, and act on them (between two requests);
+        1: a stop was asked for (SIGTERM or SIGINT), the session ends."""
+        cdef bint keep = True
         self.signalled = False
         if gw_signals_seen(self.sock_fd) < 0:
             raise OSError(errno, "setsockopt SO_RCVTIMEO: " + os.strerror(errno))
@@ -341,10 +353,10 @@ cdef class CompiledLoop:
         server = self.server
         if self.wakeup_fd >= 0:
             server._take_wakeup()
-        if server._reload_pending or server._reopen_pending:
-            server.act_on_signals()
+        if server.signals_pending:
+            keep = server.act_on_signals()
         self._pull()
-        return 0
+        return 0 if keep else 1
 
     cdef bint _hand_over(self, Py_ssize_t start, Py_ssize_t length) except -1:
         """One frame (or the bytes that end the stream) served by the pipeline; False ends the session."""

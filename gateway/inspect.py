@@ -45,9 +45,9 @@ class Inspection:
         return all(f.ok for f in self.findings)
 
 
-def _status(pid: int) -> dict[str, str]:
+def _status(pid: int, tid: int | None = None) -> dict[str, str]:
     out: dict[str, str] = {}
-    with open(f"/proc/{pid}/status") as f:
+    with open(f"/proc/{pid}/status" if tid is None else f"/proc/{pid}/task/{tid}/status") as f:
         for line in f:
             key, _, value = line.partition(":")
             out[key] = value.strip()
@@ -76,12 +76,46 @@ def inspect_pid(pid: int) -> Inspection | None:
         return None
     status = _status(pid)
     result = Inspection(pid, cmdline)
-    kept = sorted(KEPT_CAPABILITIES)
-    kept_mask = sum(1 << v for v in KEPT_CAPABILITIES.values())
     as_root = status.get("Uid", "").split()[:1] == ["0"]
+    result.findings += _confinement(status, opts, as_root)
+    # Capabilities, no_new_privs and the filter are per thread: every thread (the reload worker too) must
+    # hold what the process promised, and the weakest one is what an attacker would use.
+    threads = sorted((int(t) for t in os.listdir(f"/proc/{pid}/task")), key=lambda t: t != pid)
+    for tid in threads[1:]:
+        try:
+            theirs = _confinement(_status(pid, tid), opts, as_root)
+        except OSError:
+            continue  # gone meanwhile
+        for i, finding in enumerate(theirs):
+            if not finding.ok and result.findings[i].ok:
+                seen = f"thread {tid}: {finding.seen}"
+                result.findings[i] = Finding(finding.item, seen, finding.promised, False)
+    result.findings.append(Finding("threads", str(len(threads)), "each as confined as the process", True))
 
     def add(item: str, seen: str, promised: str, ok: bool) -> None:
         result.findings.append(Finding(item, seen, promised, ok))
+
+    root = os.readlink(f"/proc/{pid}/root")
+    export = os.path.realpath(opts.path) if opts.path else "?"
+    add("root", root, export if as_root else "(not root: no chroot)", root == export or not as_root)
+    add("uid/gid", f"{status.get('Uid', '?').split()[0]}/{status.get('Gid', '?').split()[0]}", "0/0", True)
+    add("landlock", "not visible in /proc", "on" if opts.landlock else "off", True)
+    for name in sorted(os.listdir(f"/proc/{pid}/fd"), key=int):
+        try:
+            result.fds.append((int(name), os.readlink(f"/proc/{pid}/fd/{name}")))
+        except OSError:
+            continue
+    return result
+
+
+def _confinement(status: dict[str, str], opts: argparse.Namespace, as_root: bool) -> list[Finding]:
+    """The per-thread findings (capabilities, no_new_privs, seccomp) of one thread's status."""
+    findings: list[Finding] = []
+    kept = sorted(KEPT_CAPABILITIES)
+    kept_mask = sum(1 << v for v in KEPT_CAPABILITIES.values())
+
+    def add(item: str, seen: str, promised: str, ok: bool) -> None:
+        findings.append(Finding(item, seen, promised, ok))
 
     for key, label in (("CapEff", "effective"), ("CapPrm", "permitted"), ("CapBnd", "bounding")):
         mask = int(status.get(key, "0"), 16)
@@ -100,17 +134,7 @@ def inspect_pid(pid: int) -> Inspection | None:
         f"{SECCOMP_MODES[want_seccomp]} ({opts.seccomp})",
         seen == want_seccomp,
     )
-    root = os.readlink(f"/proc/{pid}/root")
-    export = os.path.realpath(opts.path) if opts.path else "?"
-    add("root", root, export if as_root else "(not root: no chroot)", root == export or not as_root)
-    add("uid/gid", f"{status.get('Uid', '?').split()[0]}/{status.get('Gid', '?').split()[0]}", "0/0", True)
-    add("landlock", "not visible in /proc", "on" if opts.landlock else "off", True)
-    for name in sorted(os.listdir(f"/proc/{pid}/fd"), key=int):
-        try:
-            result.fds.append((int(name), os.readlink(f"/proc/{pid}/fd/{name}")))
-        except OSError:
-            continue
-    return result
+    return findings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

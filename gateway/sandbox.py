@@ -8,8 +8,10 @@ code (the model is virtiofsd's sandbox.rs). The order matters, and each step is 
    nothing inheritable or ambient), with SECBIT_NO_SETUID_FIXUP so setfsuid never changes them;
 4. no_new_privs;
 5. Landlock where the kernel has it (the ABI probed; degrade gracefully);
+   then any thread the caller starts (the reload worker): it inherits steps 2-5, which are per thread;
 6. rlimits: no core dumps, a bounded number of open files, no new processes;
-7. last, the seccomp allowlist (gateway/seccomp_filter.py), default action kill.
+7. last, the seccomp allowlist (gateway/seccomp_filter.py), default action kill, loaded for every thread
+   at once (TSYNC).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import ctypes
 import logging
 import os
 import resource
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import prctl
@@ -80,10 +83,23 @@ class SandboxConfig:
     max_open_files: int = 1024
     # (O_PATH fd, rights, label) beyond the export: the audit log's directory, the policy's directory.
     grants: list[tuple[int, int, str]] = field(default_factory=list)
+    # The listening socket the filter lets accept4 take clients from (None: there is none, -f).
+    accept_fd: int | None = None
+    # Started inside every wall but the resource limits and the filter (which TSYNC then applies to all
+    # threads): the reload worker, which thus inherits chroot, capabilities, no_new_privs and Landlock.
+    start_threads: Callable[[], object] | None = None
 
 
 def confine(config: SandboxConfig, export_fd: int) -> SandboxState:
     """Steps 2-7 above, in order. Raises OSError when a step that must succeed fails."""
+    state = build_walls(config, export_fd)
+    lock_down(config, state)
+    return state
+
+
+def build_walls(config: SandboxConfig, export_fd: int) -> SandboxState:
+    """Steps 2-5: what a fork inherits, so a daemon can have them in place (and report their failure on
+    stderr) before it detaches."""
     state = SandboxState()
     enter_export(config.export, state)
     drop_capabilities(state)
@@ -97,12 +113,18 @@ def confine(config: SandboxConfig, export_fd: int) -> SandboxState:
             state.landlock_paths = [g.label for g in grants]
         else:
             state.notes.append("Landlock unavailable in this kernel: not applied")
+    return state
+
+
+def lock_down(config: SandboxConfig, state: SandboxState) -> None:
+    """The threads started inside the walls, then steps 6 and 7 (no fork is possible after them)."""
+    if config.start_threads is not None:
+        config.start_threads()
     set_rlimits(config.max_open_files, state)
-    seccomp_filter.load(config.seccomp)
+    seccomp_filter.load(config.seccomp, accept_fd=config.accept_fd)
     state.seccomp = config.seccomp
     if config.seccomp == "none":
         state.notes.append("SECCOMP FILTER DISABLED (--seccomp none): every system call is allowed")
-    return state
 
 
 def set_rlimits(max_open_files: int, state: SandboxState) -> None:

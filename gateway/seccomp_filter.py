@@ -11,13 +11,42 @@ The model is virtiofsd's seccomp.rs.
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import os
+import signal
 import socket
+import sys
 import termios
-
-import pyseccomp as sc
+import types
 
 from gateway.syscalls import FS_IOC_GETVERSION
+
+# The sonames pyseccomp looks up (Debian's libc6 and libseccomp2).
+_SONAMES = {"c": "libc.so.6", "seccomp": "libseccomp.so.2"}
+
+
+def _import_pyseccomp() -> types.ModuleType:
+    """pyseccomp finds its libraries with ctypes.util.find_library, which runs ldconfig (a fork and an
+    exec at every start) and imports subprocess, tempfile and shutil: about 1 MiB resident in every
+    gateway, for two names that are fixed. It is imported with a find_library that names them."""
+    if "ctypes.util" in sys.modules:
+        import pyseccomp
+
+        return pyseccomp
+    stub = types.ModuleType("ctypes.util")
+    stub.find_library = _SONAMES.get  # type: ignore[attr-defined]
+    sys.modules["ctypes.util"] = stub
+    ctypes.util = stub  # type: ignore[attr-defined]
+    try:
+        import pyseccomp
+    finally:
+        del sys.modules["ctypes.util"]
+        del ctypes.util  # type: ignore[attr-defined]
+    return pyseccomp
+
+
+sc = _import_pyseccomp()
 
 # Imported at load time, not lazily: after chroot and the filter nothing can be imported.
 
@@ -54,10 +83,11 @@ ALLOWED: tuple[str, ...] = (
 TERMINAL_IOCTLS = (termios.TCGETS, termios.TIOCGWINSZ, termios.TIOCGPGRP, termios.FIONREAD)
 
 # Never allowed, whatever the trace said: the calls an attacker who owned the process would want.
+# (accept4 and tgkill are allowed only with arguments fixed when the filter is built: see build_filter.)
 FORBIDDEN = (
     "execve", "execveat", "fork", "vfork", "clone", "clone3", "socket", "socketpair", "connect",
-    "bind", "listen", "accept", "accept4", "ptrace", "process_vm_readv", "process_vm_writev",
-    "mount", "umount2", "pivot_root", "chroot", "kill", "tkill", "tgkill", "setns", "unshare",
+    "bind", "listen", "accept", "ptrace", "process_vm_readv", "process_vm_writev",
+    "mount", "umount2", "pivot_root", "chroot", "kill", "tkill", "setns", "unshare",
     "bpf", "init_module", "finit_module", "delete_module", "kexec_load", "reboot", "setuid",
     "setgid", "setresuid", "setresgid", "prctl", "seccomp", "keyctl", "add_key",
     "perf_event_open", "userfaultfd", "io_uring_setup", "open_by_handle_at", "name_to_handle_at",
@@ -66,8 +96,13 @@ FORBIDDEN = (
 assert not set(ALLOWED) & set(FORBIDDEN)
 
 
-def build_filter(mode: str) -> object:
-    """A pyseccomp SyscallFilter for mode kill|trap|log|errno (the default action for anything else)."""
+def build_filter(mode: str, *, accept_fd: int | None = None, pid: int | None = None) -> object:
+    """A pyseccomp SyscallFilter for mode kill|trap|log|errno (the default action for anything else).
+
+    accept_fd: the listening socket accept4 may take clients from, and only it (the gateway is confined
+    before its client arrives). pid: this process, the only one SIGUSR2 may be sent to, and only to a
+    thread of its own (the reload worker waking the serve loop, gateway.reload_worker).
+    The filter is loaded for every thread at once (TSYNC): the reload worker runs under it too."""
     default = {
         "kill": sc.KILL_PROCESS,
         "trap": sc.TRAP,
@@ -88,10 +123,15 @@ def build_filter(mode: str) -> object:
     )
     for request in TERMINAL_IOCTLS:
         flt.add_rule(sc.ERRNO(errno.ENOTTY), "ioctl", sc.Arg(1, sc.EQ, request))
+    if accept_fd is not None:
+        flt.add_rule(sc.ALLOW, "accept4", sc.Arg(0, sc.EQ, accept_fd))
+    pid = os.getpid() if pid is None else pid
+    flt.add_rule(sc.ALLOW, "tgkill", sc.Arg(0, sc.EQ, pid), sc.Arg(2, sc.EQ, signal.SIGUSR2))
+    flt.set_attr(sc.Attr.CTL_TSYNC, 1)
     return flt
 
 
-def load(mode: str) -> None:
+def load(mode: str, *, accept_fd: int | None = None) -> None:
     if mode == "none":
         return
-    build_filter(mode).load()  # type: ignore[attr-defined]
+    build_filter(mode, accept_fd=accept_fd).load()  # type: ignore[attr-defined]

@@ -21,12 +21,14 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from gateway import __version__, fastloop, landlock, signals
+from gateway import __version__, fastloop, landlock, signals, systemd
 from gateway.audit import AuditError, AuditWriter
 from gateway.core.executor import Executor, getversion_supported
+from gateway.endpoint import StartupError, close_inherited_fds, open_endpoint, peer_credentials
+from gateway.reload_worker import ReloadWorker
 from gateway.rules import Policy, PolicyError, load_policy, load_policy_bytes, loader
-from gateway.sandbox import SandboxConfig, confine
-from gateway.server import Server
+from gateway.sandbox import SandboxConfig, build_walls, lock_down
+from gateway.server import STOPPED, Server, ServeStats, StopRequested
 
 log = logging.getLogger("gateway")
 
@@ -43,6 +45,7 @@ USAGE = """usage: {prog}
    /var/log/gateway/<tenant>@<socket path, or fd-<export>>.jsonl)
  [--audit-sync every|interval|never] [--audit-syslog] [--console] (with -n: a live rich view)
  [--seccomp kill|trap|log|errno|none] [--no-landlock]
+ [--persist] (with -s) after a client goes, wait for the next one
 """
 
 
@@ -72,13 +75,26 @@ def _atoi(text: str) -> int:
     return sign * int(digits) if digits else 0
 
 
+def _owner_id(what: str) -> Callable[[str], int]:
+    """-u/-g: a number, or a usage error. The reference's atoi takes "abc" as 0, which left a socket
+    owned by root where the operator meant someone else: the gateway refuses instead."""
+
+    def parse(text: str) -> int:
+        if not text.strip().isdigit():
+            raise argparse.ArgumentTypeError(f"{what} must be a number, not {text!r}")
+        return int(text)
+
+    parse.__name__ = what
+    return parse
+
+
 def build_parser(prog: str = "gateway serve") -> argparse.ArgumentParser:
     parser = _Parser(prog=prog, add_help=False, usage=argparse.SUPPRESS)
     parser.add_argument("-p", "--path", dest="path")
     parser.add_argument("-f", "--fd", dest="fd", type=_atoi, default=-1)
     parser.add_argument("-s", "--socket", dest="socket")
-    parser.add_argument("-u", "--uid", dest="uid", type=_atoi, default=-1)
-    parser.add_argument("-g", "--gid", dest="gid", type=_atoi, default=-1)
+    parser.add_argument("-u", "--uid", dest="uid", type=_owner_id("uid"), default=-1)
+    parser.add_argument("-g", "--gid", dest="gid", type=_owner_id("gid"), default=-1)
     parser.add_argument("-n", "--nodaemon", dest="nodaemon", action="store_true")
     parser.add_argument("-h", "-?", "--help", dest="help", action="store_true")
     parser.add_argument("--policy", dest="policy")
@@ -94,6 +110,7 @@ def build_parser(prog: str = "gateway serve") -> argparse.ArgumentParser:
         "--seccomp", dest="seccomp", default="kill", choices=["kill", "trap", "log", "errno", "none"]
     )
     parser.add_argument("--no-landlock", dest="landlock", action="store_false")
+    parser.add_argument("--persist", dest="persist", action="store_true")
     return parser
 
 
@@ -153,6 +170,8 @@ def parse_options(argv: list[str], prog: str) -> argparse.Namespace:
         raise UsageError(
             "owner uid:gid not specified, owner uid:gid specifies who can access the socket file"
         )
+    if opts.persist and opts.socket is None:
+        raise UsageError("--persist needs -s: an inherited connection (-f) has no next client")
     if opts.console and not opts.nodaemon:
         # a daemon's stdout is /dev/null: the console would draw for nobody
         raise UsageError("--console needs -n|--nodaemon (a daemon has no terminal to draw on)")
@@ -168,7 +187,9 @@ def check_export(path: str) -> None:
         raise UsageError(f'specified path "{path}" is not directory', show_usage=False)
 
 
-def setup_logging(foreground: bool) -> None:
+def setup_logging(foreground: bool) -> bool:
+    """Log lines to stderr (-n) or to /dev/log, connected now (before the sandbox); False when the daemon
+    has no syslog to log to."""
     root = logging.getLogger("gateway")
     root.setLevel(logging.INFO)
     root.handlers.clear()
@@ -176,9 +197,11 @@ def setup_logging(foreground: bool) -> None:
         handler: logging.Handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("gateway[%(process)d]: %(message)s"))
     else:
-        handler = DevLogHandler()
+        dev_log = DevLogHandler()
+        handler = dev_log
         handler.setFormatter(logging.Formatter("gateway[%(process)d]: %(message)s"))
     root.addHandler(handler)
+    return foreground or dev_log.sock is not None
 
 
 class DevLogHandler(logging.Handler):
@@ -206,52 +229,18 @@ class DevLogHandler(logging.Handler):
             self.sock.send(f"<{priority}>{self.format(record)}".encode(errors="replace"))
 
 
-def daemonize() -> None:
-    """daemon(0, 0): detach from the terminal and session, cwd /, stdio to /dev/null."""
+def daemonize(null: int) -> None:
+    """daemon(0, 0): detach from the terminal and session, cwd /, stdio to /dev/null. null: /dev/null,
+    opened before the chroot (the export has none)."""
     if os.fork() > 0:
         os._exit(0)
     os.setsid()
     if os.fork() > 0:
         os._exit(0)
     os.chdir("/")
-    null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(null, fd)
-    if null > 2:
-        os.close(null)
-
-
-class SocketExists(Exception):
-    pass
-
-
-def listen_and_accept(path: str, uid: int, gid: int) -> socket.socket:
-    """The reference's proxy_socket(): refuse an existing path, bind with umask 007, chown to uid:gid,
-    listen with backlog 1, accept ONE client and close the listener (the file is left behind)."""
-    if os.path.lexists(path):
-        raise SocketExists("socket already exists")
-    if len(os.fsencode(path)) >= 108:
-        raise OSError(f"UNIX domain socket path exceeds {108} characters")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        old = os.umask(0o007)
-        try:
-            listener.bind(path)
-        finally:
-            os.umask(old)
-        os.chown(path, uid, gid)
-        listener.listen(1)
-        client, _ = listener.accept()
-    finally:
-        listener.close()
-    return client
-
-
-def inherited_socket(fd: int) -> socket.socket:
-    try:
-        return socket.socket(fileno=fd)
-    except OSError as exc:
-        raise OSError(f"socket descriptor {fd} is not usable: {exc.strerror}") from None
+    os.close(null)
 
 
 BASELINE = Path(__file__).with_name("rules") / "baseline.yaml"
@@ -340,11 +329,21 @@ def policy_reloader(policy_path: Path) -> tuple[Callable[[], Policy], int]:
     return reload, dir_fd
 
 
+def start_reload_worker(server: Server) -> None:
+    """SIGHUP's reload compiled in a thread of its own (gateway.reload_worker), started inside the sandbox.
+    A 1 ms switch interval (CPython's default is 5 ms) bounds how long a request that arrives meanwhile
+    waits for the interpreter."""
+    assert server.reloader is not None
+    server.reload_worker = ReloadWorker(server.reloader)
+    sys.setswitchinterval(0.001)
+
+
 def run(argv: list[str], prog: str = "gateway serve") -> int:
     # A reload or rotation signal that lands during start-up must neither kill the gateway (both
     # terminate by default) nor be lost: held until the server can act on it (gateway.signals). The
     # entry points have done so already, before their imports; this covers a caller of run() itself.
     signals.hold_reload_signals()
+    activated = systemd.listen_fds()  # first: the variables describe fds this process was given
     try:
         opts = parse_options(argv, prog)
         check_export(opts.path)
@@ -354,6 +353,7 @@ def run(argv: list[str], prog: str = "gateway serve") -> int:
         if exc.show_usage:
             print(USAGE.format(prog=prog), end="", file=sys.stderr)
         return exc.status
+    close_inherited_fds(keep={opts.fd, *activated})
     try:
         policy_path = policy_location(opts)
         policy = load_policy(policy_path)
@@ -368,67 +368,117 @@ def run(argv: list[str], prog: str = "gateway serve") -> int:
         print(f"{prog}: refusing to serve without an audit trail: {exc}", file=sys.stderr)
         return 1
 
-    if not opts.nodaemon:
-        daemonize()
-    setup_logging(foreground=opts.nodaemon)
-    log.info("Started")
+    # Everything that can fail for a reason the operator must hear about fails here, on stderr, before
+    # the process detaches: the socket, the service manager's socket, syslog.
     try:
-        sock = (
-            listen_and_accept(opts.socket, opts.uid, opts.gid)
-            if opts.socket is not None
-            else inherited_socket(opts.fd)
+        endpoint = open_endpoint(
+            socket_path=opts.socket, fd=opts.fd, uid=opts.uid, gid=opts.gid, activated=activated
         )
-    except SocketExists as exc:
-        log.critical("%s", exc)  # the reference exits with status 0 here
-        trail.lifecycle("stop", reason=str(exc))
-        return 0
-    except OSError as exc:
-        log.critical("%s", exc)
-        trail.lifecycle("stop", reason=str(exc))
+        notifier = systemd.Notifier.from_environ()
+    except (StartupError, OSError) as exc:
+        message = str(exc) if isinstance(exc, StartupError) else f"NOTIFY_SOCKET: {exc.strerror}"
+        print(f"{prog}: {message}", file=sys.stderr)
+        trail.lifecycle("stop", reason=message)
         return 1
+    if not setup_logging(foreground=opts.nodaemon):
+        print(f"{prog}: warning: /dev/log is not there: the daemon's log lines are lost", file=sys.stderr)
+    for note in trail.notes:  # e.g. --audit-syslog without /dev/log: said here, not only in a record
+        print(f"{prog}: warning: {note}", file=sys.stderr)
 
     # Everything the server will need is opened now, before the chroot and the filter.
     export = os.path.abspath(opts.path)
     root_fd = os.open(export, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     proc_fd = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     executor = Executor(root_fd, proc_fd, getversion_supported=getversion_supported(root_fd))
-    server = Server(sock, executor, policy, trail)
+    server = Server(None, executor, policy, trail)
     server.reloader, policy_dir_fd = policy_reloader(policy_path)
-    server.wakeup_fd = signals.install(server.request_reload, server.request_reopen)
+    server.wakeup_fd = signals.install(
+        server.request_reload, server.request_reopen, server.request_wakeup, server.request_stop
+    )
     grants = [
         (trail.dirfd, landlock.AUDIT_DIR, os.path.dirname(trail.path)),
         (policy_dir_fd, landlock.READ_ONLY, str(policy_path.parent)),
     ]
     if opts.seccomp == "none":
         log.warning("WARNING: --seccomp none: the gateway serves WITHOUT its system-call filter")
+    null = -1 if opts.nodaemon else os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     release_startup_memory()
+    # Confined before waiting: a gateway whose VM has not started yet is already what it will be while
+    # serving (gateway inspect says so). accept() needs no path; the filter allows it on the listener only.
+    # The walls a fork inherits go up before the daemon detaches, so that their failure is heard.
+    config = SandboxConfig(
+        export, seccomp=opts.seccomp, landlock=opts.landlock, grants=grants,
+        accept_fd=endpoint.accept_fd, start_threads=lambda: start_reload_worker(server),
+    )  # fmt: skip
     try:
         os.umask(0)
-        state = confine(
-            SandboxConfig(export, seccomp=opts.seccomp, landlock=opts.landlock, grants=grants), root_fd
-        )
+        state = build_walls(config, root_fd)
+    except OSError as exc:
+        print(f"{prog}: confinement failed: {exc}", file=sys.stderr)
+        trail.lifecycle("stop", reason=f"confinement failed: {exc}")
+        return 1
+    if not opts.nodaemon:
+        daemonize(null)
+    log.info("Started")
+    try:
+        lock_down(config, state)  # threads, rlimits, the filter: after the fork, which they forbid
     except OSError as exc:
         log.critical("confinement failed: %s", exc)
         trail.lifecycle("stop", reason=f"confinement failed: {exc}")
         return 1
     if not trail.lifecycle(
         "start", version=__version__, export=export, policy_source=str(policy_path), sandbox=state.as_dict(),
-        data_plane=fastloop.build_info(),
-    ):
+        data_plane=fastloop.build_info(), endpoint=endpoint.describe(), persist=opts.persist,
+    ):  # fmt: skip
         log.critical("refusing to serve: the start record cannot be written to %s", trail.path)
         return 1
     trail.lifecycle(
         "policy-load", source=str(policy_path), rules=len(policy.rules), enforcement=policy.enforcement
     )
     log.info("serving %s with policy %s (%s)", export, policy_path, state.as_dict())
-    stats = server.serve()
-    server.flush_limit_hits()
-    if stats.end == "client closed the connection":
-        trail.lifecycle("client-gone", requests=stats.requests)
+    label = f"tenant {tenant}" if tenant else "gateway"
+    notifier.notify(READY=1, STATUS=f"{label}: waiting for a client on {endpoint.describe()}")
+    sessions = 0
+    stats = ServeStats()
+    while not server.stop_requested:
+        try:
+            server.waiting_for_client = True  # a stop signal now raises StopRequested (once: it clears this)
+            client = endpoint.next_client()
+            server.waiting_for_client = False
+        except StopRequested:
+            break
+        except OSError as exc:
+            server.waiting_for_client = False
+            log.critical("accept failed: %s", exc)
+            trail.lifecycle("stop", reason=f"accept failed: {exc.strerror}", sessions=sessions)
+            notifier.notify(STOPPING=1)
+            return 1
+        if not opts.persist:
+            endpoint.close_listener()
+        sessions += 1
+        trail.lifecycle("session", session=sessions, peer=peer_credentials(client))
+        notifier.notify(STATUS=f"{label}: serving client {sessions} ({_peer_text(client)})")
+        stats = server.serve_client(client)
+        client.close()
+        server.flush_limit_hits()
+        if stats.end == "client closed the connection":
+            trail.lifecycle("client-gone", requests=stats.requests, session=sessions)
+        log.info("client %d done: %s after %d requests", sessions, stats.end, stats.requests)
+        if not opts.persist:
+            break
+        notifier.notify(STATUS=f"{label}: {sessions} client(s) served, waiting for the next")
+    if server.stop_requested:
+        stats.end = STOPPED  # whenever it came: while waiting, serving, or between two clients
+    notifier.notify(STOPPING=1, STATUS=f"{label}: stopping ({stats.end})")
     trail.lifecycle(
         "stop", reason=stats.end, requests=stats.requests, denied=stats.denied, malformed=stats.malformed,
-        unknown=stats.unknown,
+        unknown=stats.unknown, sessions=sessions,
     )  # fmt: skip
     trail.close()
     log.info("Done: %s after %d requests", stats.end, stats.requests)
     return 0
+
+
+def _peer_text(client: socket.socket) -> str:
+    peer = peer_credentials(client)
+    return "peer unknown" if peer is None else f"pid {peer['pid']}, uid {peer['uid']}"

@@ -27,6 +27,7 @@ from gateway.core.resolve import Resolution
 from gateway.fastloop import CompiledLoop
 from gateway.logfmt import kv
 from gateway.names import errno_name
+from gateway.reload_worker import ReloadWorker
 from gateway.rules import Decision, Policy, decide
 from gateway.rules.model import ObjectAttrs
 from gateway.rules.requests import object_record
@@ -77,6 +78,13 @@ def object_facts(found: object) -> dict[str, object] | None:
     return object_record(found if isinstance(found, ObjectAttrs) else ObjectAttrs.from_stat(found))
 
 
+STOPPED = "stopped by a signal (SIGTERM or SIGINT)"
+
+
+class StopRequested(Exception):
+    """Raised by the stop signal's handler while the gateway waits for a client (nothing to finish)."""
+
+
 @dataclass
 class ServeStats:
     requests: int = 0
@@ -88,9 +96,9 @@ class ServeStats:
 
 class Server:
     def __init__(
-        self, sock: socket.socket, executor: Executor, policy: Policy, audit: AuditWriter | None = None
+        self, sock: socket.socket | None, executor: Executor, policy: Policy, audit: AuditWriter | None = None
     ) -> None:
-        self.sock = sock
+        self.sock = sock  # None until a client is attached (serve_client)
         self.executor = executor
         self.audit = audit
         self.decoder = p.Decoder()
@@ -101,6 +109,14 @@ class Server:
         # Set by signal handlers (gateway.signals), acted on by the serve loop between two requests.
         self._reload_pending = False
         self._reopen_pending = False
+        self._reload_ready = False  # the reload worker has an outcome to swap in
+        # Reads and compiles off the request path when set (gateway serve sets it); else reload() runs
+        # in the loop, as a Server built by a test does.
+        self.reload_worker: ReloadWorker | None = None
+        self._served_at_reload: int | None = None  # the request count when the worker was asked
+        self.stop_requested = False  # SIGTERM/SIGINT: the session ends between two requests
+        # Set only around accept(): there a stop signal unwinds the wait at once (nothing is half done).
+        self.waiting_for_client = False
         self.wakeup_fd: int | None = None  # signals.install()'s pipe: wakes the idle loop for them
         self.loop: CompiledLoop | None = None  # the loop serving (its counters: served, handed)
 
@@ -136,9 +152,32 @@ class Server:
         if self.loop is not None:
             self.loop.signalled = True
 
-    def act_on_signals(self) -> None:
+    def request_wakeup(self) -> None:
+        """SIGUSR2, from the reload worker: a reload is ready to be swapped in (only a flag)."""
+        self._reload_ready = True
+        if self.loop is not None:
+            self.loop.signalled = True
+
+    @property
+    def signals_pending(self) -> bool:
+        return self._reload_pending or self._reopen_pending or self._reload_ready or self.stop_requested
+
+    def request_stop(self) -> None:
+        """SIGTERM or SIGINT: end the session between two requests, with its records (the trail's stop
+        and final checkpoint, systemd's STOPPING=1). Waiting for a client, there is no request to finish:
+        StopRequested unwinds the wait (accept) at once; anywhere else the flag is acted on as soon as
+        the loop looks (a record is never cut in two)."""
+        self.stop_requested = True
+        if self.loop is not None:
+            self.loop.signalled = True
+        if self.waiting_for_client:
+            self.waiting_for_client = False  # a second signal must not raise in the first one's handling
+            raise StopRequested()
+
+    def act_on_signals(self) -> bool:
         """Between two requests: one reopen and one reload for however many signals came meanwhile
-        (a storm coalesces; the requests waiting are served before the next one)."""
+        (a storm coalesces; the requests waiting are served before the next one). False: stop serving
+        (SIGTERM or SIGINT)."""
         if self.wakeup_fd is not None:
             self._take_wakeup()  # its bytes belong to the signals acted on now: no second reload later
         if self._reopen_pending:
@@ -146,7 +185,28 @@ class Server:
             if self.audit is not None:
                 self.audit.reopen()
         if self._reload_pending:
-            self.reload()  # clears the flag first: a SIGHUP during the reload asks for one more
+            if self.reload_worker is None:
+                self.reload()  # clears the flag first: a SIGHUP during the reload asks for one more
+            else:
+                self._reload_pending = False
+                if self._served_at_reload is None:
+                    self._served_at_reload = self.stats.requests
+                self.reload_worker.request()
+        if self.reload_worker is not None:
+            self._reload_ready = False
+            for outcome in self.reload_worker.take():
+                # What the record says of it: how long the compile took, and how many requests were
+                # served meanwhile (0 would mean the reload stalled the guest, as it did when inline).
+                meanwhile = self.stats.requests - (self._served_at_reload or 0)
+                self._served_at_reload = None if not self.reload_worker.busy else self.stats.requests
+                self._swap(
+                    outcome.policy, outcome.error,
+                    compile_s=round(outcome.seconds, 3), served_meanwhile=max(0, meanwhile),
+                )  # fmt: skip
+        if self.stop_requested:
+            self.stats.end = STOPPED
+            return False
+        return True
 
     def _take_wakeup(self) -> None:
         """Empty the wakeup pipe into the flags (its signal numbers too, should a handler not have run)."""
@@ -157,25 +217,35 @@ class Server:
             self._reopen_pending = self._reopen_pending or signal.SIGUSR1 in seen
 
     def reload(self) -> bool:
-        """Read, validate and compile the policy off to the side, then swap it in. An invalid policy is
-        refused with a record naming the error, and the one in force stays in force."""
+        """Read, validate and compile the policy here and now, then swap it in (a Server without a
+        reload worker; gateway serve compiles in its worker and swaps with _swap)."""
         self._reload_pending = False
         if self.reloader is None:
             return False
-        old = self.policy
         try:
             new = self.reloader()
         except Exception as exc:  # PolicyError, OSError, anything: the old policy must survive it
-            log.error("policy reload refused %s", kv(in_force=old.hash[:16], error=str(exc)))
+            return self._swap(None, exc)
+        return self._swap(new, None)
+
+    def _swap(self, new: Policy | None, error: Exception | None, **how: object) -> bool:
+        """Between two requests: the new policy in force, or the refusal recorded and the old one kept.
+        how: what the record also says of the reload (the worker's compile time, requests meanwhile)."""
+        old = self.policy
+        if new is None:
+            log.error("policy reload refused %s", kv(in_force=old.hash[:16], error=str(error)))
             if self.audit is not None:
                 self.audit.lifecycle(
-                    "policy-reload", result="refused", error=str(exc), old=old.hash, new=None, kept=old.hash
-                )
+                    "policy-reload", result="refused", error=str(error), old=old.hash, new=None,
+                    kept=old.hash, **how,
+                )  # fmt: skip
             return False
         self.set_policy(new)
         log.info("policy reloaded %s", kv(old=old.hash[:16], new=new.hash[:16]))
         if self.audit is not None:
-            self.audit.lifecycle("policy-reload", result="ok", old=old.hash, new=new.hash, source=new.source)
+            self.audit.lifecycle(
+                "policy-reload", result="ok", old=old.hash, new=new.hash, source=new.source, **how
+            )
         return True
 
     # -- one request ----------------------------------------------------------------------------------
@@ -300,6 +370,14 @@ class Server:
         self.loop = CompiledLoop(self, compiled_requests=compiled_requests)
         return self.loop.serve()  # type: ignore[no-any-return]
 
+    def serve_client(self, sock: socket.socket) -> ServeStats:
+        """A new session on this server (its policy, trail and reload worker carry over): serve sock
+        until the client goes away."""
+        self.sock = sock
+        self.decoder = p.Decoder()
+        self.stats = ServeStats()
+        return self.serve()
+
     def serve_event(self, event: p.Event) -> bool:
         """One decoded event (a request or a rare one): handled, recorded and answered; False ends the
         session. The compiled loop hands every frame it does not serve itself to this."""
@@ -307,8 +385,8 @@ class Server:
             self.stats.requests += 1
             try:
                 self.reply(event, self.handle(event))  # type: ignore[arg-type]
-                if self._reload_pending or self._reopen_pending:
-                    self.act_on_signals()
+                if self.signals_pending and not self.act_on_signals():
+                    return False
             except OSError as exc:
                 self.stats.end = f"write error: {exc.strerror}"
                 return False

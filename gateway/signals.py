@@ -33,15 +33,28 @@ def hold_reload_signals() -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, RELOAD_SIGNALS)
 
 
-def install(on_reload: Callable[[], None], on_reopen: Callable[[], None]) -> int:
+def install(
+    on_reload: Callable[[], None],
+    on_reopen: Callable[[], None],
+    on_wake: Callable[[], None] | None = None,
+    on_stop: Callable[[], None] | None = None,
+) -> int:
     """Handlers that call on_reload/on_reopen (which must only set a flag), a wakeup pipe, and the
     signals unblocked (a pending one is delivered now). Returns the pipe's read end for the loop to poll.
+    on_wake: SIGUSR2's handler, which the reload worker sends to say a policy is ready to swap in.
+    on_stop: SIGTERM's and SIGINT's (systemctl stop, ^C): the session ends between two requests, with
+    its stop record, instead of the process dying between any two instructions.
 
     The pipe is made here, before the sandbox: pipe2 is not on the seccomp allowlist.
     """
     read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.signal(signal.SIGHUP, lambda *_: on_reload())
     signal.signal(signal.SIGUSR1, lambda *_: on_reopen())
+    if on_wake is not None:
+        signal.signal(signal.SIGUSR2, lambda *_: on_wake())
+    if on_stop is not None:
+        signal.signal(signal.SIGTERM, lambda *_: on_stop())
+        signal.signal(signal.SIGINT, lambda *_: on_stop())
     # A storm fills the pipe; the flags already say all there is to say, so a full pipe is no warning.
     signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, RELOAD_SIGNALS)

@@ -230,19 +230,6 @@ def test_named_socket(tmp_path: Path, export: Path) -> None:
         proc.wait()
 
 
-def test_existing_socket_path_is_refused_with_status_0(tmp_path: Path, export: Path) -> None:
-    require_root()
-    sock_path = tmp_path / "taken"
-    sock_path.write_text("")
-    result = subprocess.run(
-        [*GATEWAY, "-p", str(export), "-s", str(sock_path), "-u", "0", "-g", "0", "-n", *trail_args(export)],
-        capture_output=True,
-        timeout=20,
-    )
-    assert result.returncode == 0
-    assert b"socket already exists" in result.stderr
-
-
 def test_daemon_mode_detaches_and_serves(tmp_path: Path, export: Path) -> None:
     require_root()
     sock_path = tmp_path / "daemon.sock"

@@ -90,6 +90,44 @@ def test_inspect_reports_a_weaker_gateway(export: Path) -> None:
     assert out.returncode == 2
 
 
+# A process that confines its main thread exactly as a gateway (-p / --seccomp none) would, but only
+# after starting a second thread, which keeps every capability and no_new_privs 0.
+_WEAK_THREAD = """
+import threading, time, prctl, sys
+from gateway.sandbox import SandboxState, drop_capabilities
+threading.Thread(target=time.sleep, args=(30,), daemon=True).start()
+drop_capabilities(SandboxState())
+prctl.set_no_new_privs(1)
+print("ready", flush=True)
+time.sleep(30)
+"""
+
+
+def test_inspect_holds_every_thread_to_the_promise() -> None:
+    """Capabilities and no_new_privs are per thread: a second thread left unconfined makes the gateway
+    weaker than promised even when its main thread is not, and inspect names that thread."""
+    require_root()
+    fake = subprocess.Popen(
+        [sys.executable, "-c", _WEAK_THREAD, "serve", "-p", "/", "-f", "3", "-n", "--seccomp", "none"],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert fake.stdout is not None and fake.stdout.readline() == b"ready\n"
+        threads = os.listdir(f"/proc/{fake.pid}/task")
+        assert len(threads) == 2
+        main = status_of(fake.pid)
+        assert main["NoNewPrivs"] == "1"
+        result = inspect_pid(fake.pid)
+        assert result is not None and not result.holds
+        weak = {f.item: f.seen for f in result.findings if not f.ok}
+        other = next(t for t in threads if int(t) != fake.pid)
+        assert weak["no_new_privs"] == f"thread {other}: 0"
+        assert weak["capabilities permitted"].startswith(f"thread {other}: ")
+    finally:
+        fake.kill()
+        fake.wait()
+
+
 def test_inspect_flags_missing_confinement() -> None:
     """A process whose command line claims to be a gateway but which is not confined is reported."""
     require_root()
