@@ -188,3 +188,109 @@ def test_logrotate_rotates_a_live_trail_and_the_chain_goes_on(tmp_path: Path) ->
     )  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
     assert proc.returncode == 0  # SIGUSR1 reopened the trail, it did not end the gateway
+
+
+def environment(service: configparser.RawConfigParser, env_file: Path) -> dict[str, str]:
+    """Environment= (the unit's defaults) then EnvironmentFile= (KEY=VALUE lines), as systemd reads them."""
+    env: dict[str, str] = {}
+    for line in SERVICE.read_text().splitlines():
+        if line.startswith("Environment="):
+            for pair in line.removeprefix("Environment=").split():
+                key, _, value = pair.partition("=")
+                env[key] = value
+    for line in env_file.read_text().splitlines():
+        if "=" in line and not line.lstrip().startswith("#"):
+            key, _, value = line.partition("=")
+            env[key.strip()] = value.strip().strip('"')
+    return env
+
+
+def test_the_units_start_as_systemd_starts_them(tmp_path: Path) -> None:
+    """No systemd here, so the test does what systemd would: bind the .socket's ListenStream with its
+    SocketMode, let a client (QEMU) connect before any gateway runs, start the .service's ExecStart with
+    the environment file, the listener as fd 3 (LISTEN_FDS=1, LISTEN_PID) and NOTIFY_SOCKET; then wait
+    for READY=1, serve that client, serve the next one (--persist), and stop with SIGTERM, which
+    Restart=on-failure counts as a clean stop."""
+    require_root()
+    service, sock_unit = unit(SERVICE), unit(SOCKET)
+    run = tmp_path / "run"
+    run.mkdir()
+    instance = "g1"
+    export, logs = tmp_path / "export", tmp_path / "log"
+    export.mkdir()
+    logs.mkdir()
+    env_file = tmp_path / f"{instance}.env"
+    env_file.write_text(f"EXPORT={export}\nPOLICY={ALLOW_ALL}\nAUDIT_LOG={logs}/{instance}.jsonl\n"
+                        "QEMU_UID=0\nQEMU_GID=0\n")  # fmt: skip
+    env = environment(service, env_file)
+
+    def expand(text: str) -> str:
+        text = text.replace("/run/gateway/", f"{run}/").replace("%i", instance)
+        return re.sub(r"\$\{(\w+)\}", lambda m: env[m.group(1)], text)
+
+    # the socket unit's part
+    listen_path = expand(sock_unit["Socket"]["ListenStream"])
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(listen_path)
+    os.chmod(listen_path, int(sock_unit["Socket"]["SocketMode"], 8))
+    listener.listen(socket.SOMAXCONN)
+    early = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    early.settimeout(30)
+    early.connect(listen_path)  # QEMU started first: it waits in the backlog
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(run / "notify"))
+    notify.settimeout(60)
+
+    # the service's part
+    argv = expand(service["Service"]["ExecStart"]).split()
+    assert argv[2] == "/opt/gateway/bin/gateway"
+    argv[2] = str(Path(sys.executable).with_name("gateway"))  # this checkout's, where the unit has /opt's
+    assert "-s" in argv and argv[argv.index("-s") + 1] == listen_path
+    lfd = listener.fileno()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", AS_SYSTEMD_EXECS, str(lfd), *argv],
+        env={**CLEAN_ENV, **env, "LISTEN_FDS": "1", "NOTIFY_SOCKET": str(run / "notify")},
+        pass_fds=[lfd], stderr=subprocess.PIPE,
+    )  # fmt: skip
+    listener.close()
+    messages: list[str] = []
+    try:
+        while not any("READY=1" in m for m in messages):
+            try:
+                messages.append(notify.recv(4096).decode())
+            except TimeoutError:
+                proc.kill()
+                raise AssertionError(f"no READY=1: {proc.communicate()[1].decode()}") from None
+        assert any(f"tenant {instance}" in m for m in messages), messages
+        frame = p.encode_request(p.Lstat(b"/"), nul=True)
+        for client in (early, None):
+            if client is None:  # the guest rebooted: a new connection to the same gateway
+                client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                client.settimeout(30)
+                client.connect(listen_path)
+            client.sendall(frame)
+            reply = client.recv(4096)
+            assert reply[:4] == p.encode_status(0)[:4] or len(reply) > 8, reply
+            client.close()
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and proc.poll() is None:
+                trail = (logs / f"{instance}.jsonl").read_bytes()
+                if trail.count(b'"event":"client-gone"') == (1 if client is not early else 0) + 1:
+                    break
+                time.sleep(0.05)
+        assert proc.poll() is None, "--persist: the gateway waits for the next client"
+        trail = (logs / f"{instance}.jsonl").read_bytes()
+        assert trail.count(b'"event":"session"') == 2 and trail.count(b'"event":"client-gone"') == 2
+    finally:
+        proc.send_signal(15)
+        _, err = proc.communicate(timeout=30)
+        notify.close()
+    assert proc.returncode in (0, -15), err  # a clean stop: Restart=on-failure does not restart it
+
+
+CLEAN_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+# the listener as fd 3 (SD_LISTEN_FDS_START), LISTEN_PID the pid that then execs ExecStart
+AS_SYSTEMD_EXECS = (
+    "import os, sys; fd = int(sys.argv[1]); os.dup2(fd, 3); fd == 3 or os.close(fd); "
+    "os.environ['LISTEN_PID'] = str(os.getpid()); os.execv(sys.argv[2], sys.argv[2:])"
+)
