@@ -136,8 +136,8 @@ OPTION_HELP: dict[str, tuple[str | None, str]] = {
     "console": (None, "with -n: draw a live line per decision on stdout"),
     "seccomp": (None, "the system-call filter's action for a forbidden call (default: kill)"),
     "landlock": (None, "do not apply Landlock (the other walls stand)"),
-    "persist": (None, "when the client goes away, accept the next one (a fresh session record each "
-                "time) instead of exiting; what the systemd unit runs"),
+    "persist": (None, "with -s: when the client goes away, accept the next one (a session record each) "
+                "instead of exiting; what the systemd unit runs"),
 }
 
 
