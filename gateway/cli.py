@@ -1,6 +1,11 @@
 """The `gateway` command: serve (the drop-in helper), check (dry-run a policy), audit (review the
 trail), demo (a newcomer's first run). Each subcommand's module is imported only when it runs, so that
-`serve` never loads the view-only libraries."""
+`serve` never loads the view-only libraries.
+
+build_parser() is the whole command as one argparse parser (every subcommand and option, with help): the
+man pages (argparse-manpage) and the shell completions (shtab) are generated from it at build time
+(scripts/build-docs.sh). main() does not parse with it, so that `serve` keeps the reference's usage and
+exit statuses and no subcommand imports another's modules."""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import argparse
 import importlib
 import sys
 
+from gateway import __version__
 from gateway.signals import hold_reload_signals
 
 COMMANDS = {
@@ -26,10 +32,54 @@ MODULES = {
 }
 
 
+# shtab's completion hints, written out so that the runtime does not need shtab (shtab.FILE, .DIRECTORY)
+_FILE = {"bash": "_shtab_compgen_files", "zsh": "_files", "tcsh": "f"}
+_DIRECTORY = {"bash": "_shtab_compgen_dirs", "zsh": "_files -/", "tcsh": "d"}
+_COMPLETE = {"path": _DIRECTORY, "policy_dir": _DIRECTORY, "socket": _FILE, "policy": _FILE,
+             "audit_log": _FILE, "logs": _FILE}  # fmt: skip
+
+
+def version_text() -> str:
+    return f"gateway {__version__}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every subcommand with its options and help: for the man pages and completions (see above)."""
+    from gateway import serve
+
+    parser = argparse.ArgumentParser(
+        prog="gateway",
+        description="A policy-enforcing, audited, confined drop-in replacement for QEMU's "
+        "virtfs-proxy-helper.",
+    )
+    parser.add_argument("--version", action="version", version=version_text())
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    serve_parser = serve.documented_parser()
+    sub.add_parser(
+        "serve", parents=[serve_parser], add_help=False, help=COMMANDS["serve"],
+        description=serve_parser.description,
+    )  # fmt: skip
+    for name, module_name in MODULES.items():
+        command = sub.add_parser(name, help=COMMANDS[name], description=COMMANDS[name])
+        importlib.import_module(module_name).add_arguments(command)
+    for command in sub.choices.values():
+        for action in command._actions:
+            if action.dest in _COMPLETE:
+                action.complete = _COMPLETE[action.dest]  # type: ignore[attr-defined]
+    return parser
+
+
+def build_serve_parser() -> argparse.ArgumentParser:
+    """`gateway serve` (and gateway-proxy-helper) alone, for gateway-serve(1)."""
+    from gateway import serve
+
+    return serve.documented_parser()
+
+
 def _usage() -> str:
     lines = ["usage: gateway COMMAND [options]", "", "commands:"]
     lines += [f"  {name:<8} {text}" for name, text in COMMANDS.items()]
-    lines += ["", "`gateway COMMAND --help` for a command's options."]
+    lines += ["", "`gateway COMMAND --help` for a command's options, `gateway --version` for the version."]
     return "\n".join(lines)
 
 
@@ -38,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0 if args else 2
+    if args[0] in ("--version", "-V"):
+        print(version_text())
+        return 0
     command, rest = args[0], args[1:]
     if command == "serve":
         # Held before serving's imports (gateway.signals); not for the other commands, where a terminal's

@@ -1,6 +1,7 @@
 """`gateway demo`: a newcomer's first run, on built-in defaults.
 
-A temporary export, a real `gateway serve` process (examples/policy.yaml when it is there), a scripted
+A temporary export, a real `gateway serve` process (the annotated tour, examples/policy.yaml, shipped as
+package data: gateway/examples/policy.yaml, so that an installed copy runs the same demo), a scripted
 guest session over the real protocol through the client (creates, reads, chmod, chown, a symlink, denied
 requests, escape attempts), then a short rich summary of what happened and what the trail recorded.
 """
@@ -23,8 +24,9 @@ from pathlib import Path
 from gateway import protocol as p
 from gateway.client import Client, Reply
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_POLICY = REPO / "examples" / "policy.yaml"
+# Package data (pyproject's package-data), beside this module wherever the package is installed; the
+# checkout's examples/ is a symlink to it.
+DEFAULT_POLICY = Path(__file__).resolve().parent / "examples" / "policy.yaml"
 
 
 @dataclass
@@ -37,7 +39,7 @@ class Step:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--policy", type=Path, default=None, help="policy to serve (default: examples/policy.yaml)"
+        "--policy", type=Path, default=None, help="policy to serve (default: the shipped example)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary export and trail")
 
@@ -161,10 +163,10 @@ def run(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         console.print("[red]gateway demo needs root[/] (the gateway chroots and acts as the guest's users)")
         return 1
-    policy = args.policy or (DEFAULT_POLICY if DEFAULT_POLICY.exists() else None)
+    policy = args.policy or DEFAULT_POLICY
     try:
-        ids = load_policy(policy).ids if policy else None
-    except PolicyError as exc:
+        ids = load_policy(policy).ids
+    except (OSError, PolicyError) as exc:  # the shipped policy missing is a broken install: say so
         console.print(f"[red]{exc}[/]")
         return 2
     tmp = Path(tempfile.mkdtemp(prefix="gateway-demo-"))
@@ -172,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
     os.symlink("/../host-secret", export / "tmp" / "escape")  # as if planted before the gateway ran
     trail = tmp / "audit.jsonl"
     console.rule("[bold]gateway demo")
-    console.print(f"export  {export}\npolicy  {policy or 'built-in baseline'}\ntrail   {trail}\n")
+    console.print(f"export  {export}\npolicy  {policy}\ntrail   {trail}\n")
     results = _run_session(export, policy, trail)
     records = [json.loads(line) for line in trail.read_text().splitlines() if line.strip()]
     requests = [r for r in records if r.get("event") == "request"]
@@ -206,4 +208,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         subprocess.run(["rm", "-rf", str(tmp)], check=False)
         console.print("\n(the export and trail were temporary; rerun with --keep to look around)")
-    return 0 if good == len(results) and untouched and verified == 0 else 1
+    if good == len(results) and untouched and verified == 0:
+        return 0
+    console.print(
+        f"[bold red]demo failed[/]: {len(results) - good} step(s) not as expected, host secret untouched: "
+        f"{untouched}, trail verified: {verified == 0}"
+    )
+    return 1

@@ -51,6 +51,7 @@ from gateway.audit import writer as _writer
 from gateway.audit.fields import request_fragment
 from gateway.core import executor as _executor
 from gateway.names import OP_NAMES, errno_name
+from gateway.logfmt import kv
 from gateway.rules import decide
 
 log = logging.getLogger("gateway.server")

@@ -166,7 +166,7 @@ cdef class TrailRecorder:
                 self.writer._ensure_room(line_len + 1 + self.lifecycle_room)
             except OSError as exc:
                 self.pull()
-                log.error("audit record not written (%s): answering EIO", exc)
+                log.error("audit record not written %s", kv(error=str(exc), reply="EIO"))
                 return -1
             self.pull()
         written = write(self.fd, self.line, line_len + 1)
@@ -182,7 +182,7 @@ cdef class TrailRecorder:
                 self.writer._write_all(PyBytes_FromStringAndSize(self.line, line_len + 1), written)
             except OSError as exc:
                 self.pull()
-                log.error("audit record not written (%s): answering EIO", exc)
+                log.error("audit record not written %s", kv(error=str(exc), reply="EIO"))
                 return -1
             self.pull()
         if gw_sha256_hex(<unsigned char *> self.line, line_len, self.prev) < 0:
@@ -205,7 +205,7 @@ cdef class TrailRecorder:
                 why = f"audit sync of {self.writer.path} failed: {os.strerror(e)}"
                 self.writer._fail(why)
                 self.pull()
-                log.error("audit record not written ([Errno %d] %s): answering EIO", e, why)
+                log.error("audit record not written %s", kv(errno=e, error=why, reply="EIO"))
                 return -1
             self.last_sync = mono
         return 0
@@ -218,7 +218,7 @@ cdef class TrailRecorder:
             why = f"audit write to {self.writer.path} failed: {os.strerror(e)}"
         self.writer._fail(why)
         self.pull()
-        log.error("audit record not written ([Errno %d] %s): answering EIO", e, why)
+        log.error("audit record not written %s", kv(errno=e, error=why, reply="EIO"))
         return -1
 
 

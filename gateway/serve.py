@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import errno
 import gc
 import logging
 import os
@@ -21,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from gateway import __version__, fastloop, landlock, signals, systemd
-from gateway.audit import AuditWriter
+from gateway.audit import AuditError, AuditWriter
 from gateway.core.executor import Executor, getversion_supported
 from gateway.endpoint import StartupError, close_inherited_fds, open_endpoint, peer_credentials
 from gateway.reload_worker import ReloadWorker
@@ -40,7 +41,8 @@ USAGE = """usage: {prog}
  [-n|--nodaemon] Run as a normal program
  gateway's own options:
  [--policy FILE | --policy-dir DIR --tenant NAME] the policy (default: the built-in baseline)
- [--audit-log FILE] the trail (default: the policy's audit.path, else /var/log/gateway/<tenant>.jsonl)
+ [--audit-log FILE] the trail (default: the policy's audit.path, else
+   /var/log/gateway/<tenant>@<socket path, or fd-<export>>.jsonl)
  [--audit-sync every|interval|never] [--audit-syslog] [--console] (with -n: a live rich view)
  [--seccomp kill|trap|log|errno|none] [--no-landlock]
  [--persist] (with -s) after a client goes, wait for the next one
@@ -112,6 +114,49 @@ def build_parser(prog: str = "gateway serve") -> argparse.ArgumentParser:
     return parser
 
 
+# Help text and metavar of each option, by dest, for the man pages and shell completions
+# (gateway.cli.build_parser); the parser that serves keeps the reference's terse usage. Every option
+# build_parser() adds needs an entry here: tests/test_cli_docs.py fails on one that has none.
+OPTION_HELP: dict[str, tuple[str | None, str]] = {
+    "path": ("DIR", "the directory to export (the gateway chroots into it)"),
+    "fd": ("FD", "an inherited, connected socket to serve (QEMU: -fsdev proxy,sock_fd=...)"),
+    "socket": ("SOCK", "create this Unix socket and accept the client on it (needs -u and -g); under "
+               "socket activation (LISTEN_FDS) the inherited listener bound to this path"),
+    "uid": ("UID", "the owner given to the socket file (numeric)"),
+    "gid": ("GID", "the group given to the socket file (numeric)"),
+    "nodaemon": (None, "stay in the foreground and log to stderr (default: daemonise, log to syslog)"),
+    "help": (None, "show the usage and exit"),
+    "policy": ("FILE", "the policy to enforce (default: the built-in baseline)"),
+    "tenant": ("NAME", "the tenant stamped on every record; with --policy-dir, the policy DIR/NAME.yaml"),
+    "policy_dir": ("DIR", "the directory of per-tenant policies (with --tenant)"),
+    "audit_log": ("FILE", "the audit trail (default: the policy's audit.path, else "
+                  "/var/log/gateway/TENANT@CHANNEL.jsonl, CHANNEL from the socket path or the export)"),
+    "audit_sync": (None, "fsync after every record, at most once a second (default), or never"),
+    "audit_syslog": (None, "also send each record to /dev/log (RFC 5424, structured data)"),
+    "console": (None, "with -n: draw a live line per decision on stdout"),
+    "seccomp": (None, "the system-call filter's action for a forbidden call (default: kill)"),
+    "landlock": (None, "do not apply Landlock (the other walls stand)"),
+    "persist": (None, "with -s: when the client goes away, accept the next one (a session record each) "
+                "instead of exiting; what the systemd unit runs"),
+}
+
+
+def documented_parser(prog: str = "gateway serve") -> argparse.ArgumentParser:
+    """build_parser() with each option's help and metavar from OPTION_HELP (KeyError: one has none)."""
+    parser = build_parser(prog)
+    for action in parser._actions:
+        metavar, text = OPTION_HELP[action.dest]
+        action.help = text
+        if metavar is not None and action.nargs != 0:
+            action.metavar = metavar
+    parser.usage = None
+    parser.description = (
+        "Serve a guest's 9p proxy requests: virtfs-proxy-helper's options, each request decided by a "
+        "policy, performed beneath the export's root and recorded in a hash-chained audit trail."
+    )
+    return parser
+
+
 def parse_options(argv: list[str], prog: str) -> argparse.Namespace:
     """The reference's validation, message for message."""
     opts = build_parser(prog).parse_args(argv)
@@ -127,6 +172,9 @@ def parse_options(argv: list[str], prog: str) -> argparse.Namespace:
         )
     if opts.persist and opts.socket is None:
         raise UsageError("--persist needs -s: an inherited connection (-f) has no next client")
+    if opts.console and not opts.nodaemon:
+        # a daemon's stdout is /dev/null: the console would draw for nobody
+        raise UsageError("--console needs -n|--nodaemon (a daemon has no terminal to draw on)")
     return opts
 
 
@@ -209,22 +257,49 @@ def policy_location(opts: argparse.Namespace) -> Path:
     return BASELINE
 
 
+def trail_channel(opts: argparse.Namespace) -> str:
+    """What makes this gateway's default trail its own: the socket path (-s; one process can bind it at
+    a time), else the export (-f: an inherited fd has no name of its own, and one export is served by
+    one gateway)."""
+    if opts.socket is not None:
+        return os.path.abspath(opts.socket)
+    return "fd-" + os.path.abspath(opts.path).lstrip("/")
+
+
 def open_trail(opts: argparse.Namespace, policy: Policy, tenant: str) -> AuditWriter:
-    """--audit-log, else the policy's audit.path, else /var/log/gateway/<tenant>.jsonl: never nowhere."""
-    path = opts.audit_log or policy.audit_path  # None: the writer takes default_audit_path(tenant)
+    """--audit-log, else the policy's audit.path, else /var/log/gateway/<tenant>@<channel>.jsonl (see
+    trail_channel): never nowhere, and two gateways started alike never share a default.
+
+    A trail another gateway holds is refused (AuditError), saying which option gives this one its own."""
+    path = opts.audit_log or policy.audit_path  # None: the writer takes default_audit_path(tenant, channel)
+    channel = trail_channel(opts)
     console = None
     if opts.console:
         from gateway.audit.console import start_console_renderer
 
         console = start_console_renderer()
-    return AuditWriter.open(
-        path,
-        tenant=tenant,
-        policy_hash=policy.hash,
-        sync=opts.audit_sync,
-        syslog=opts.audit_syslog,
-        console=console,
-    )
+    try:
+        return AuditWriter.open(
+            path,
+            tenant=tenant,
+            policy_hash=policy.hash,
+            sync=opts.audit_sync,
+            syslog=opts.audit_syslog,
+            console=console,
+            channel=channel,
+        )
+    except AuditError as exc:
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise
+        if opts.audit_log:
+            hint = "give this gateway a trail of its own with --audit-log FILE"
+        elif policy.audit_path:
+            hint = (f"it is the policy's audit.path ({policy.audit_path}); give this gateway a trail of its "
+                    "own with --audit-log FILE")  # fmt: skip
+        else:
+            hint = (f"it is the default trail of tenant {tenant!r} on {channel}; give this gateway a trail "
+                    "of its own with --audit-log FILE, or another --tenant NAME")  # fmt: skip
+        raise AuditError(exc.errno, f"{exc.strerror}: {hint}") from None
 
 
 def release_startup_memory() -> None:

@@ -25,6 +25,7 @@ from gateway.audit import TrailFailed
 from gateway.core.executor import Executor, Result
 from gateway.core.resolve import Resolution
 from gateway.fastloop import CompiledLoop
+from gateway.logfmt import kv
 from gateway.names import errno_name
 from gateway.reload_worker import ReloadWorker
 from gateway.rules import Decision, Policy, decide
@@ -232,7 +233,7 @@ class Server:
         how: what the record also says of the reload (the worker's compile time, requests meanwhile)."""
         old = self.policy
         if new is None:
-            log.error("policy reload refused, %s stays in force: %s", old.hash[:16], error)
+            log.error("policy reload refused %s", kv(in_force=old.hash[:16], error=str(error)))
             if self.audit is not None:
                 self.audit.lifecycle(
                     "policy-reload", result="refused", error=str(error), old=old.hash, new=None,
@@ -240,7 +241,7 @@ class Server:
                 )  # fmt: skip
             return False
         self.set_policy(new)
-        log.info("policy reloaded: %s -> %s", old.hash[:16], new.hash[:16])
+        log.info("policy reloaded %s", kv(old=old.hash[:16], new=new.hash[:16]))
         if self.audit is not None:
             self.audit.lifecycle(
                 "policy-reload", result="ok", old=old.hash, new=new.hash, source=new.source, **how
@@ -316,7 +317,9 @@ class Server:
                         self.audit.reserve(request, reason, decided.path, getattr(decided, "path2", b""))
                 except OSError as exc:  # TrailFull or TrailFailed: not performed, EIO, recorded if it fits
                     if not isinstance(exc, TrailFailed):  # a failed trail says so once, not once a request
-                        log.error("not performed, the trail has no room for its record: answering EIO")
+                        log.error(
+                            "request not performed %s", kv(reason="no room in the trail", reply="EIO")
+                        )
                     result = Result(errno.EIO)
                     extra = {**(extra or {}), "not_performed": exc.strerror}
                 else:
@@ -353,7 +356,7 @@ class Server:
                 # Fail closed: a reply the trail lacks must not be sent. The request may have been
                 # performed; the guest is told it failed, and the log says why.
                 if not isinstance(exc, TrailFailed):  # a failed trail says so once, not once a request
-                    log.error("audit record not written (%s): answering EIO", exc)
+                    log.error("audit record not written %s", kv(error=str(exc), reply="EIO"))
                 if result.fd is not None:
                     os.close(result.fd)
                 return Result(errno.EIO)
@@ -398,19 +401,23 @@ class Server:
             return False
         if isinstance(event, p.Fatal):
             stats.end = f"protocol error: {event.reason}"
-            log.warning("closing the connection: %s", event.reason)
+            log.warning("closing the connection %s", kv(reason=event.reason))
             if self.audit is not None:
                 self.audit.lifecycle("protocol-error", reason=event.reason, result="connection closed")
             return False
         try:
             if isinstance(event, p.Malformed):
                 stats.malformed += 1
-                log.warning("%s payload too short (%d bytes): ENOBUFS", event.rtype.name, event.size)
+                log.warning(
+                    "payload too short %s", kv(type=event.rtype.name, size=event.size, reply="ENOBUFS")
+                )
                 self.record_protocol_error(event.rtype, event.size, "payload too short", "ENOBUFS")
                 self.sock.sendall(p.encode_error(event.rtype, errno.ENOBUFS))
             elif isinstance(event, p.Unknown):
                 stats.unknown += 1
-                log.warning("unknown request type %d (%d bytes): EOPNOTSUPP", event.rtype, event.size)
+                log.warning(
+                    "unknown request type %s", kv(type=int(event.rtype), size=event.size, reply="EOPNOTSUPP")
+                )
                 self.record_protocol_error(event.rtype, event.size, "unknown request type", "EOPNOTSUPP")
                 self.sock.sendall(p.encode_status(errno.EOPNOTSUPP))
             else:  # NeedData subclasses or anything new: never expected
@@ -426,7 +433,7 @@ class Server:
 
     def fd_not_sent(self, rtype: p.RequestType, why: str) -> None:
         """An OPEN/CREATE whose fd the kernel refused to send (ETOOMANYREFS): answered EMFILE instead."""
-        log.warning("%s: fd not sent (%s): EMFILE", rtype.name, why)
+        log.warning("fd not sent %s", kv(type=rtype.name, reason=why, reply="EMFILE"))
         if self.audit is not None:
             self.audit.lifecycle("reply-changed", op=rtype.name.lower(), result="EMFILE")
         self.sock.sendall(p.encode_fd_reply(errno.EMFILE))

@@ -16,8 +16,10 @@ say() { echo "setup: $*"; }
 # python3-dev and libssl-dev build the compiled data plane (gateway/fastloop.pyx, Cython 3 from PyPI).
 pkgs=(libcap-dev libseccomp2 gcc python3-venv python3-dev libssl-dev)
 if [ "$full" = 1 ]; then
-    # systemd: systemd-analyze; strace: tests/test_syscall_counts.py and bench/syscalls.py
-    pkgs+=(qemu-system-common qemu-system-x86 busybox-static libc6-dev attr systemd strace)
+    # systemd: systemd-analyze; strace: tests/test_syscall_counts.py and bench/syscalls.py; man-db
+    # (systemd-analyze verify --man, the man page tests), zsh (the completion's syntax), logrotate (the
+    # snippet rotates a live trail): tests/test_units.py, test_cli_docs.py; dpkg-deb is in dpkg
+    pkgs+=(qemu-system-common qemu-system-x86 busybox-static libc6-dev attr systemd strace man-db zsh logrotate)
 fi
 missing=()
 for p in "${pkgs[@]}"; do
@@ -30,14 +32,17 @@ if [ "${#missing[@]}" -gt 0 ]; then
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# The virtualenv, with the project installed editable and the test tools.
+# The virtualenv, with the project installed editable and the test tools, every version pinned by
+# constraints.txt (PIP_CONSTRAINT, so that pip's isolated build of the data plane obeys it too).
+export PIP_CONSTRAINT="$repo/constraints.txt"
 python=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     say "creating .venv with $($python --version)"
     "$python" -m venv .venv
 fi
-if ! .venv/bin/python -c "import gateway, gateway.fastloop, prctl, seccomp, cerberus, rich, yaml, re2, pytest, hypothesis" 2>/dev/null \
-    || [ pyproject.toml -nt .venv/.installed ] || [ gateway/fastloop.pyx -nt .venv/.installed ]; then
+if ! .venv/bin/python -c "import gateway, gateway.fastloop, prctl, seccomp, cerberus, rich, yaml, re2, pytest, hypothesis, shtab, build_manpages" 2>/dev/null \
+    || [ pyproject.toml -nt .venv/.installed ] || [ gateway/fastloop.pyx -nt .venv/.installed ] \
+    || [ constraints.txt -nt .venv/.installed ]; then
     say "installing the project into .venv"
     .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
     touch .venv/.installed

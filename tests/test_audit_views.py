@@ -286,3 +286,17 @@ def test_parallel_summary_equals_the_sequential_one(tmp_path: Path, monkeypatch)
     read = ReadStats()
     summarize([str(path), str(broken)], None, workers=2, read=read)  # an error crosses the process gap
     assert [e.kind for e in read.errors] == ["truncated compressed file"]
+
+
+def test_console_columns_never_run_together() -> None:
+    """Each event name, however long, is followed by a space; request lines keep their columns."""
+    base = {"time": "2026-01-01T07:41:30.000001Z"}
+    for event in ("start", "policy-load", "policy-reload", "client-gone", "reply-changed", "protocol-error"):
+        text = console_text({**base, "event": event, "source": "/p.yaml"}).plain
+        assert text.split()[1:4] == ["•", event, "source=/p.yaml"], text
+    lines = [
+        console_text({**base, "op": op, "path": "/a", "decision": d, "rule": "r", "result": "ok"}).plain
+        for op, d in (("open", "allow"), ("mkdir", "would-deny"), ("lstat", "deny"))
+    ]
+    assert len({line.index("/a") for line in lines}) == 1  # the path starts in one column
+    assert all(line[16:].split()[1] in ("open", "mkdir", "lstat") for line in lines)

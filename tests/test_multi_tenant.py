@@ -6,14 +6,12 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-from helpers import ROOT, require_root, status_of
+from helpers import require_root, status_of
 
 from gateway import protocol as p
 from gateway.client import Client
@@ -117,17 +115,4 @@ def test_policy_dir_needs_a_tenant(tmp_path: Path) -> None:
     assert out.returncode == 1 and "--policy-dir needs --tenant" in out.stderr
 
 
-def test_systemd_unit_verifies(tmp_path: Path) -> None:
-    analyze = shutil.which("systemd-analyze")
-    if analyze is None:
-        pytest.fail("systemd-analyze is missing (apt-get install systemd): the unit cannot be checked")
-    unit = (ROOT / "contrib" / "systemd" / "gateway@.service").read_text()
-    # The unit names the installed command; point it at this checkout's so verify finds it executable.
-    gateway_bin = Path(sys.executable).with_name("gateway")
-    assert gateway_bin.exists(), gateway_bin
-    unit = unit.replace("/usr/local/bin/gateway", str(gateway_bin))
-    target = tmp_path / "gateway@guest42.service"
-    target.write_text(unit)
-    out = subprocess.run([analyze, "verify", str(target)], capture_output=True, text=True, timeout=60)
-    problems = [line for line in (out.stdout + out.stderr).splitlines() if "gateway@" in line]
-    assert out.returncode == 0 and not problems, out.stdout + out.stderr
+# The units (service and socket, with their man pages) are verified in tests/test_units.py.

@@ -105,12 +105,18 @@ def decision_cell(record: dict[str, Any]) -> Text:
     return Text(safe(decision), style=DECISION_STYLES.get(decision, "magenta"))
 
 
+CONSOLE_DECISION_WIDTH = 15
+
+
 def console_text(record: dict[str, Any]) -> Text:
     """One line for the foreground console: time, decision, op, path, details, rule, result."""
     t = str(record.get("time", ""))
     line = Text(t[11:26] + " ", style="dim")
     cell = decision_cell(record)
-    line.append(cell.plain.ljust(11), style=cell.style)
+    # A column as wide as "• policy-reload" (the longest event name but "• protocol-error"), and always
+    # one space after it, so that no name runs into what follows.
+    line.append(cell.plain.ljust(CONSOLE_DECISION_WIDTH), style=cell.style)
+    line.append(" ")
     if record.get("event", "request") != "request":
         line.append(lifecycle_summary(record), style=LIFECYCLE_STYLE)
         return line

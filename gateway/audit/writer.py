@@ -73,6 +73,7 @@ from typing import Any
 
 from gateway.audit.fields import FIELD_ORDER, FIELD_SPECS, request_fragment, text
 from gateway.audit.syslog import DEFAULT_ADDRESS, SyslogSink
+from gateway.logfmt import kv
 
 log = logging.getLogger("gateway.audit")
 
@@ -146,13 +147,26 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
             raise OSError(err, os.strerror(err))
 
 
-def default_audit_path(tenant: str) -> str:
-    """/var/log/gateway/<tenant>.jsonl, with the tenant reduced to a safe file name (it comes from a
-    policy file, so "../x" or "a/b" must not leave the directory)."""
-    name = re.sub(r"[^A-Za-z0-9._-]", "_", tenant) or "default"
+def default_audit_path(tenant: str, channel: str | None = None) -> str:
+    """/var/log/gateway/<tenant>.jsonl, or with a channel (what the gateway serves on: its socket path,
+    or its export with -f) /var/log/gateway/<tenant>@<channel>.jsonl, so that two gateways started
+    without --audit-log never share a default. Each part is reduced to a safe file name (the tenant comes
+    from a policy file, so "../x" or "a/b" must not leave the directory); a path channel loses its
+    leading "/" and the others become "-": /run/gateway/g1.sock -> run-gateway-g1.sock."""
+    name = _safe_name(tenant) or "default"
+    if channel is not None:
+        part = _safe_name(channel.strip("/").replace("/", "-")) or "root"
+        if len(part) > 160:  # a file name has 255 bytes at most: keep the end, and a digest of the rest
+            part = hashlib.sha256(part.encode()).hexdigest()[:16] + "-" + part[-140:]
+        name = f"{name}@{part}"
+    return os.path.join(DEFAULT_DIR, name + ".jsonl")
+
+
+def _safe_name(text: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", text)
     if name.startswith("."):
         name = "_" + name[1:]
-    return os.path.join(DEFAULT_DIR, name + ".jsonl")
+    return name
 
 
 def _jsonable(value: Any) -> Any:
@@ -267,8 +281,10 @@ class AuditWriter:
         interval: float = 1.0,
         syslog: bool | str = False,
         console: int | None = None,
+        channel: str | None = None,
     ) -> AuditWriter:
-        """Open (or resume) the trail at path; None means default_audit_path(tenant), never nowhere.
+        """Open (or resume) the trail at path; None means default_audit_path(tenant, channel), never
+        nowhere.
 
         syslog: True for /dev/log, or a socket path. console: a pipe fd (console.start_console_renderer);
         the writer owns it from now on and closes it in close(). Raises AuditError when the trail
@@ -279,7 +295,7 @@ class AuditWriter:
         if not interval > 0:
             raise ValueError("interval must be positive")
         if path is None:
-            path = default_audit_path(tenant)
+            path = default_audit_path(tenant, channel)
             try:  # the default directory may not exist yet; only the default one is created
                 os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
             except OSError as exc:
@@ -424,7 +440,7 @@ class AuditWriter:
         """Latch: from now on nothing is written and every request is refused."""
         if self._failed is None:
             self._failed = f"audit trail {self.path} failed earlier ({why}): refusing every request"
-            log.error("%s", self._failed)
+            log.error("audit trail failed %s", kv(path=self.path, error=why, requests="refused"))
 
     @property
     def failed(self) -> str | None:
@@ -522,7 +538,7 @@ class AuditWriter:
             # daemon's queue, net.unix.max_dgram_qlen datagrams, is full). The console says so itself.
             extra = _members({"audit_dropped": {"syslog": self.syslog_dropped}}, frozenset())
         if self._fd < 0:
-            log.error("audit record %r not written: the trail is closed", event)
+            log.error("audit record not written %s", kv(event=event, reason="the trail is closed"))
             return False
         self._busy = True
         try:
@@ -532,7 +548,7 @@ class AuditWriter:
             written = True
         except OSError as exc:
             self._fail(exc.strerror or str(exc))
-            log.error("audit record %r not written: %s", event, exc.strerror or exc)
+            log.error("audit record not written %s", kv(event=event, error=exc.strerror or str(exc)))
             written = False
         finally:
             self._busy = False

@@ -37,6 +37,7 @@ from gateway import protocol as p
 from gateway import syscalls as sc
 from gateway.core.fsids import FsIds
 from gateway.core.resolve import Resolution, Resolved, Resolver, resolve_request
+from gateway.logfmt import kv
 
 log = logging.getLogger("gateway.core.executor")
 
@@ -121,7 +122,7 @@ class Executor:
         except OSError as exc:
             return Result(exc.errno or errno.EIO)
         except Exception:  # a bug must cost one request an EIO, never the guest its file system
-            log.exception("internal error performing %s", request.type.name)
+            log.exception("internal error %s", kv(type=request.type.name, reply="EIO"))
             return Result(errno.EIO)
         finally:
             if own:
