@@ -25,6 +25,7 @@ from gateway import __version__, fastloop, landlock, signals, systemd
 from gateway.audit import AuditError, AuditWriter
 from gateway.core.executor import Executor, getversion_supported
 from gateway.endpoint import StartupError, close_inherited_fds, open_endpoint, peer_credentials
+from gateway.logfmt import kv
 from gateway.reload_worker import ReloadWorker
 from gateway.rules import Policy, PolicyError, load_policy, load_policy_bytes, loader
 from gateway.sandbox import SandboxConfig, build_walls, lock_down
@@ -423,19 +424,21 @@ def run(argv: list[str], prog: str = "gateway serve") -> int:
     try:
         lock_down(config, state)  # threads, rlimits, the filter: after the fork, which they forbid
     except OSError as exc:
-        log.critical("confinement failed: %s", exc)
+        log.critical("confinement failed %s", kv(error=str(exc)))
         trail.lifecycle("stop", reason=f"confinement failed: {exc}")
         return 1
     if not trail.lifecycle(
         "start", version=__version__, export=export, policy_source=str(policy_path), sandbox=state.as_dict(),
         data_plane=fastloop.build_info(), endpoint=endpoint.describe(), persist=opts.persist,
     ):  # fmt: skip
-        log.critical("refusing to serve: the start record cannot be written to %s", trail.path)
+        log.critical("refusing to serve: the start record cannot be written %s", kv(trail=trail.path))
         return 1
     trail.lifecycle(
         "policy-load", source=str(policy_path), rules=len(policy.rules), enforcement=policy.enforcement
     )
-    log.info("serving %s with policy %s (%s)", export, policy_path, state.as_dict())
+    log.info(
+        "serving %s", kv(export=export, policy=str(policy_path), endpoint=endpoint.describe(), sandbox=state)
+    )
     label = f"tenant {tenant}" if tenant else "gateway"
     notifier.notify(READY=1, STATUS=f"{label}: waiting for a client on {endpoint.describe()}")
     sessions = 0
@@ -449,7 +452,7 @@ def run(argv: list[str], prog: str = "gateway serve") -> int:
             break
         except OSError as exc:
             server.waiting_for_client = False
-            log.critical("accept failed: %s", exc)
+            log.critical("accept failed %s", kv(error=exc.strerror or str(exc)))
             trail.lifecycle("stop", reason=f"accept failed: {exc.strerror}", sessions=sessions)
             notifier.notify(STOPPING=1)
             return 1
@@ -463,7 +466,7 @@ def run(argv: list[str], prog: str = "gateway serve") -> int:
         server.flush_limit_hits()
         if stats.end == "client closed the connection":
             trail.lifecycle("client-gone", requests=stats.requests, session=sessions)
-        log.info("client %d done: %s after %d requests", sessions, stats.end, stats.requests)
+        log.info("client done %s", kv(session=sessions, end=stats.end, requests=stats.requests))
         if not opts.persist:
             break
         notifier.notify(STATUS=f"{label}: {sessions} client(s) served, waiting for the next")
@@ -475,7 +478,7 @@ def run(argv: list[str], prog: str = "gateway serve") -> int:
         unknown=stats.unknown, sessions=sessions,
     )  # fmt: skip
     trail.close()
-    log.info("Done: %s after %d requests", stats.end, stats.requests)
+    log.info("Done %s", kv(end=stats.end, requests=stats.requests, sessions=sessions))
     return 0
 
 
