@@ -184,7 +184,7 @@ class Boot:
     trail_counts: dict[str, dict[str, int]] = field(default_factory=dict)  # segment -> op -> count
     decisions: dict[str, int] = field(default_factory=dict)
     trail_us: dict[str, float] = field(default_factory=dict)  # op -> sum of the records' "us"
-    helper_requests: int | None = None  # the gateway's own "after N requests" at the end
+    helper_requests: int | None = None  # the gateway's own "Done ... requests=N" at the end
 
 
 def _elapsed(step: harness.Step) -> float:
@@ -262,7 +262,7 @@ def run_boot(
     )
     if trail is not None:
         boot.trail_counts, boot.decisions, boot.trail_us = read_trail(trail)
-        m = re.search(r"after (\d+) requests", result.helper_log)
+        m = re.search(r"\bDone\b.*?\brequests=(\d+)", result.helper_log)  # its last line, key=value
         boot.helper_requests = int(m[1]) if m else None
     return boot
 
