@@ -71,8 +71,8 @@ def trail(tmp_path: Path) -> Path:
     return tmp_path / "t.jsonl"
 
 
-def test_table_by_default(trail: Path, capsys) -> None:
-    assert audit(trail) == 0
+def test_table_when_asked(trail: Path, capsys) -> None:
+    assert audit(trail, "--format", "table") == 0
     out = capsys.readouterr().out
     for expected in ("/etc/shadow", "/etc/passwd", "/home/a/d", "deny", "would-deny", "• start", "• stop"):
         assert expected in out
@@ -87,7 +87,8 @@ def test_filters_with_json(trail: Path, capsys) -> None:
     assert audit(trail, "--uid", "1000", "--format", "json") == 0
     assert [json.loads(x)["op"] for x in capsys.readouterr().out.splitlines()] == ["mkdir"]
     assert audit(trail, "--event", "lifecycle", "--format", "json") == 0
-    assert [json.loads(x)["event"] for x in capsys.readouterr().out.splitlines()] == ["start", "stop"]
+    events = [json.loads(x)["event"] for x in capsys.readouterr().out.splitlines()]
+    assert events == ["start", "stop", "checkpoint"]  # the final checkpoint, written at close
 
 
 def test_csv(trail: Path, capsys) -> None:
@@ -100,11 +101,13 @@ def test_csv(trail: Path, capsys) -> None:
 def test_summary(trail: Path, capsys) -> None:
     assert audit(trail, "--summary") == 0
     out = capsys.readouterr().out
-    assert "6 records" in out and "Top denied paths" in out and "Timeline" in out
+    assert "7 records" in out and "Top denied paths" in out and "Timeline" in out
+    assert "Top would-deny paths" in out  # apart from the denials: a would-deny was performed
     assert audit(trail, "--summary", "--format", "json", "--top", "1") == 0
     data = json.loads(capsys.readouterr().out)
     assert data["decisions"] == {"allow": 2, "deny": 1, "would-deny": 1}
     assert data["top_denied_paths"] == [{"path": "/etc/shadow", "count": 1}]
+    assert data["top_would_deny_paths"] == [{"path": "/home/a/tool", "count": 1}]
 
 
 def test_verify_exit_status(trail: Path, capsys) -> None:
@@ -115,10 +118,10 @@ def test_verify_exit_status(trail: Path, capsys) -> None:
     trail.write_bytes(b"\n".join(lines))
     assert audit(trail, "--verify") == 1
     out = capsys.readouterr().out
-    assert "broken link" in out and f"{trail}:4" in out
+    assert "edited line" in out and f"{trail}:3" in out  # the edited line itself
     assert audit(trail, "--verify", "--format", "json") == 1
     report = json.loads(capsys.readouterr().out)
-    assert report["ok"] is False and report["problems"][0]["line"] == 4
+    assert report["ok"] is False and report["problems"][0]["line"] == 3
 
 
 def test_usage_errors(trail: Path, tmp_path: Path, capsys) -> None:
@@ -126,9 +129,11 @@ def test_usage_errors(trail: Path, tmp_path: Path, capsys) -> None:
     assert audit(trail, "--op", "wirte") == 2
     assert "wirte" in capsys.readouterr().err
     assert audit(trail, "--since", "last tuesday") == 2
+    assert audit(trail, "--key", "k") == 2  # verify's options only with --verify
+    assert audit(trail, "--verify", "--key", tmp_path / "no-such-key") == 2
     assert audit(tmp_path / "missing.jsonl") == 2
     assert audit() == 2
-    assert audit(trail, "--summary", "--format", "csv") == 2
+    assert audit(trail, "--verify", "--summary") == 2
 
 
 def test_default_trail_of_a_tenant_with_rotated_gzip_files(tmp_path: Path, monkeypatch, capsys) -> None:
@@ -148,8 +153,8 @@ def test_unreadable_lines_are_skipped_with_a_warning(trail: Path, capsys) -> Non
         f.write(b"garbage\n")
     assert audit(trail, "--format", "json") == 0
     captured = capsys.readouterr()
-    assert len(captured.out.splitlines()) == 6
-    assert "1 unreadable line skipped" in captured.err and f"{trail}:7" in captured.err
+    assert len(captured.out.splitlines()) == 7
+    assert "1 unreadable line skipped" in captured.err and f"{trail}:8" in captured.err
 
 
 def test_follow_shows_the_last_records_then_new_ones_across_rotation(tmp_path: Path) -> None:
@@ -186,8 +191,12 @@ def test_follow_shows_the_last_records_then_new_ones_across_rotation(tmp_path: P
     out, err = follower.communicate(timeout=60)
     assert follower.returncode == 0, err
     records = [json.loads(line) for line in out.splitlines()]
-    assert [r["seq"] for r in records] == [5, 6, 7, 8, 9, 10]  # 2 earlier, then 4 new (one is "reopen")
-    assert [r.get("path") for r in records[2:]] == ["/new/1", "/new/2", None, "/new/3"]
+    # 2 earlier (stop, the final checkpoint), then the new ones: the old file's closing checkpoint, the
+    # reopen record, and the final checkpoint at close among them
+    assert [r["seq"] for r in records] == list(range(6, 14))
+    assert [r.get("path") or r["event"] for r in records[2:]] == [
+        "/new/1", "/new/2", "checkpoint", "reopen", "/new/3", "checkpoint",
+    ]
 
 
 def test_stdin(trail: Path) -> None:

@@ -283,9 +283,12 @@ def read_answer(
     return Answer(header + _recv_exact(sock, size))
 
 
-def records(trail: str | Path) -> list[dict[str, Any]]:
+def records(trail: str | Path, *, checkpoints: bool = False) -> list[dict[str, Any]]:
+    """The trail's records; without the writer's checkpoints unless asked (they come at close, or every
+    so many records or seconds: not one a frame)."""
     with open(trail, "rb") as f:
-        return [json.loads(line) for line in f.read().splitlines()]
+        found = [json.loads(line) for line in f.read().splitlines()]
+    return found if checkpoints else [r for r in found if r.get("event") != "checkpoint"]
 
 
 def comparable(record: dict[str, Any]) -> dict[str, Any]:
@@ -1181,13 +1184,22 @@ def _trail_handover(fs: dict[str, str], policies: dict[str, Policy], sync: str) 
             files[name] = [trail + ".1", trail]
         assert ended["compiled"].served > 2000 and ended["compiled"].handed > 400, ended["compiled"]
         assert got["compiled"] == got["pipeline"]
+        whole_a = [r for f in files["compiled"] for r in records(f, checkpoints=True)]
         trail_a = [r for f in files["compiled"] for r in records(f)]
         trail_b = [r for f in files["pipeline"] for r in records(f)]
         events = {r["event"] for r in trail_a}
         lifecycle = {"start", "policy-load", "protocol-error", "policy-reload", "reopen", "stop"}
         assert events >= {"request", *lifecycle}
-        assert [r["seq"] for r in trail_a] == list(range(1, len(trail_a) + 1))
+        assert [r["seq"] for r in whole_a] == list(range(1, len(whole_a) + 1))
         assert [comparable(r) for r in trail_a] == [comparable(r) for r in trail_b]
+        # Checkpoints on the compiled path: every 1,000 records (or 10 s) while C serves, one closing the
+        # rotated file, the final one at close; each one's head is its own prev, range up to the one before.
+        cps = [r for r in whole_a if r["event"] == "checkpoint"]
+        assert len(cps) >= 5 and cps[-1].get("final") is True and whole_a[-1] is cps[-1]
+        assert records(files["compiled"][0], checkpoints=True)[-1]["event"] == "checkpoint"
+        for cp in cps:
+            assert cp["head"] == cp["prev"] and cp["last"] == cp["seq"] - 1 and cp["seal"] is None
+        assert any(r["event"] == "request" and r["seq"] > 1000 for r in whole_a)
         for name in ("compiled", "pipeline"):
             assert_intact(*files[name])
         cli = subprocess.run(

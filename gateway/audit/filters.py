@@ -113,28 +113,69 @@ _RELATIVE = re.compile(
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
+_BARE_TIME = re.compile(r"(\d{1,2}):(\d{2})(?::(\d{2}))?\Z")
+_EPOCH = re.compile(r"@?(\d+(?:\.\d+)?)\Z")
+TIME_WORDS = (
+    "now", "recent", "today", "yesterday", "this-hour", "this-week", "this-month", "this-year", "boot",
+)  # fmt: skip
+
+
+def boot_time() -> datetime:
+    """When the host booted (ausearch's "boot"): btime in /proc/stat."""
+    with open("/proc/stat", "rb") as f:
+        for line in f:
+            if line.startswith(b"btime "):
+                return datetime.fromtimestamp(int(line.split()[1]), UTC)
+    raise ValueError("the boot time is unknown (no btime in /proc/stat)")
+
+
 def parse_time(text: str, now: datetime | None = None) -> datetime:
-    """RFC 3339 (a time without offset, or a bare date, is local time), now, today, yesterday,
-    this-hour, or a duration ago: 10m, 2h, 3d, 90s, 1w, "10 minutes ago". Returns an aware UTC time."""
+    """When --since / --until mean. ausearch's words: now, recent (10 minutes ago), today, yesterday,
+    this-week (since Monday), this-month, this-year, boot; also this-hour; a bare time of day (19:00,
+    19:00:30: today, local time); an epoch (1700000000, @1700000000.5); a duration ago (10m, 2h, 3d, 90s,
+    1w, "10 minutes ago"); or RFC 3339 (without an offset, or a bare date: local time).
+    Returns an aware UTC time."""
     now = (now or datetime.now(UTC)).astimezone(UTC)
-    word = text.strip().lower()
+    word = text.strip().lower().replace("_", "-").replace(" ", "-")
     local_now = now.astimezone()
     midnight = local_now.replace(hour=0, minute=0, second=0, microsecond=0)
     if word == "now":
         return now
+    if word == "recent":
+        return now - timedelta(minutes=10)
     if word == "today":
         return midnight.astimezone(UTC)
     if word == "yesterday":
         return (midnight - timedelta(days=1)).astimezone(UTC)
-    if word in ("this-hour", "this hour"):
+    if word == "this-hour":
         return local_now.replace(minute=0, second=0, microsecond=0).astimezone(UTC)
-    if _RELATIVE.match(word):
-        return now - timedelta(seconds=parse_duration(word))
+    if word == "this-week":  # ISO weeks start on Monday
+        return (midnight - timedelta(days=midnight.weekday())).astimezone(UTC)
+    if word == "this-month":
+        return midnight.replace(day=1).astimezone(UTC)
+    if word == "this-year":
+        return midnight.replace(month=1, day=1).astimezone(UTC)
+    if word == "boot":
+        return boot_time()
+    bare = _BARE_TIME.match(word)
+    if bare:
+        hour, minute, second = int(bare.group(1)), int(bare.group(2)), int(bare.group(3) or 0)
+        try:
+            return midnight.replace(hour=hour, minute=minute, second=second).astimezone(UTC)
+        except ValueError:
+            raise ValueError(f"not a time of day: {text!r}") from None
+    epoch = _EPOCH.match(word)
+    if epoch and (word.startswith("@") or len(epoch.group(1).split(".")[0]) >= 5):
+        # (a bare number of at least five digits: a year is four, and 19:00 has a colon)
+        return datetime.fromtimestamp(float(epoch.group(1)), UTC)
+    if _RELATIVE.match(text.strip().lower()):
+        return now - timedelta(seconds=parse_duration(text))
     try:
         moment = datetime.fromisoformat(text.strip().replace("z", "Z"))
     except ValueError:
         raise ValueError(
-            f"not a time: {text!r} (use RFC 3339, today, yesterday, this-hour, or 10m / 2h / 3d ago)"
+            f"not a time: {text!r} (use {', '.join(TIME_WORDS)}, a time of day (19:00), an epoch "
+            "(@1700000000), 10m / 2h / 3d ago, or RFC 3339)"
         ) from None
     if moment.tzinfo is None:
         moment = moment.astimezone()  # naive: the operator's local time
@@ -177,6 +218,7 @@ class RecordFilter:
     until: str | None = None
     results: list[str] = field(default_factory=list)
     events: list[str] = field(default_factory=list)
+    failed: bool = False  # aureport's --failed: denied, would-deny, or a result other than ok
     _tests: list[Callable[[dict[str, Any]], bool]] = field(default_factory=list, repr=False)
     _needles: list[tuple[bytes, ...]] = field(default_factory=list, repr=False)
 
@@ -186,7 +228,7 @@ class RecordFilter:
         op: Iterable[str] | None = None, path: Iterable[str] | None = None, rule: Iterable[str] | None = None,
         uid: Iterable[str] | None = None, gid: Iterable[str] | None = None, since: str | None = None,
         until: str | None = None, result: Iterable[str] | None = None, event: Iterable[str] | None = None,
-        now: datetime | None = None,
+        now: datetime | None = None, failed: bool = False,
     ) -> RecordFilter:  # fmt: skip
         """From the command line's strings (each may be comma-separated); ValueError names a bad one."""
         decisions = [d.lower() for d in _split(decision)]
@@ -205,6 +247,7 @@ class RecordFilter:
             until=time_key(parse_time(until, now)) if until else None,
             results=[r.upper() if r.lower() not in ("ok", "error") else r.lower() for r in _split(result)],
             events=[e.lower() for e in _split(event)],
+            failed=failed,
         )
         f._compile()
         return f
@@ -239,9 +282,12 @@ class RecordFilter:
             tests.append(lambda r: op_class(r) in ops)
         if self.paths:
             patterns = self.paths
+            # The request's paths and the canonical ones the rules decided on (resolved, resolved2):
+            # a search for /home/alice/** finds a request that reached it through a symlink.
             tests.append(lambda r: any(
                 isinstance(v, str) and p.matches(normal_path(v))
-                for v in (r.get("path"), r.get("path2")) for p in patterns
+                for v in (r.get("path"), r.get("path2"), r.get("resolved"), r.get("resolved2"))
+                for p in patterns
             ))  # fmt: skip
         if self.rules:
             wanted = self.rules
@@ -264,6 +310,10 @@ class RecordFilter:
             results = frozenset(self.results)
             error = "error" in results
             tests.append(lambda r: r.get("result") in results or (error and r.get("result", "ok") != "ok"))
+        if self.failed:
+            tests.append(lambda r: r.get("event", "request") == "request" and (
+                r.get("decision") in ("deny", "would-deny") or r.get("result", "ok") != "ok"
+            ))  # fmt: skip
 
     @property
     def active(self) -> bool:
