@@ -22,6 +22,7 @@ from pathlib import Path
 
 from gateway import __version__, fastloop, landlock, signals
 from gateway.audit import AuditWriter
+from gateway.audit.seal import open_seal_key
 from gateway.core.executor import Executor, getversion_supported
 from gateway.rules import Policy, PolicyError, load_policy, load_policy_bytes, loader
 from gateway.sandbox import SandboxConfig, confine
@@ -40,6 +41,7 @@ USAGE = """usage: {prog}
  [--policy FILE | --policy-dir DIR --tenant NAME] the policy (default: the built-in baseline)
  [--audit-log FILE] the trail (default: the policy's audit.path, else /var/log/gateway/<tenant>.jsonl)
  [--audit-sync every|interval|never] [--audit-syslog] [--console] (with -n: a live rich view)
+ [--audit-seal-key FILE] seal the trail's checkpoints (`gateway audit keygen` makes the key)
  [--seccomp kill|trap|log|errno|none] [--no-landlock]
 """
 
@@ -87,6 +89,7 @@ def build_parser(prog: str = "gateway serve") -> argparse.ArgumentParser:
         "--audit-sync", dest="audit_sync", default="interval", choices=["every", "interval", "never"]
     )
     parser.add_argument("--audit-syslog", dest="audit_syslog", action="store_true")
+    parser.add_argument("--audit-seal-key", dest="audit_seal_key")  # gateway.audit.seal
     parser.add_argument("--console", dest="console", action="store_true")
     parser.add_argument(
         "--seccomp", dest="seccomp", default="kill", choices=["kill", "trap", "log", "errno", "none"]
@@ -235,6 +238,7 @@ def open_trail(opts: argparse.Namespace, policy: Policy, tenant: str) -> AuditWr
         sync=opts.audit_sync,
         syslog=opts.audit_syslog,
         console=console,
+        seal=open_seal_key(opts.audit_seal_key),  # opened now: before the sandbox
     )
 
 

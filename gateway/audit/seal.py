@@ -205,3 +205,16 @@ class SealKey:
     @property
     def fileno(self) -> int:
         return self._fd
+
+
+def open_seal_key(path: str | None) -> SealKey | None:
+    """`gateway serve --audit-seal-key FILE`: the key file opened before the sandbox (its fd is what
+    the gateway writes the next key through once confined: pwrite and fsync are in the filter's
+    allowlist, and Landlock checks only opens). None without the option. ValueError or OSError: the
+    gateway refuses to start, as for a trail it cannot open."""
+    if not path:
+        return None
+    try:
+        return SealKey.open(path)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot open the sealing key {path}: {exc.strerror}") from None
