@@ -133,6 +133,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="the trail is still being written: records after its last checkpoint are fine")
 
 
+def _console(**kwargs: Any) -> Any:
+    """A rich console whose reader may leave: rich's own answer to a closed pipe is SystemExit(1), so
+    quitting the pager (q) or `| head` would be reported as a failure. Here it is a BrokenPipeError,
+    which the pager and run() take as the reader's choice: exit 0."""
+    from rich.console import Console
+
+    class _Console(Console):
+        def on_broken_pipe(self) -> None:
+            raise BrokenPipeError(32, "the reader closed the pipe")
+
+    return _Console(**kwargs)
+
+
 def _error(message: str) -> int:
     print(f"gateway audit: {message}", file=sys.stderr)
     return 2
@@ -274,7 +287,6 @@ def load_checkpoint_copy(path: str) -> list[dict[str, Any]]:
 
 
 def _verify(args: argparse.Namespace, paths: list[str]) -> int:
-    from rich.console import Console
 
     from gateway.audit.seal import VerifyKey
     from gateway.audit.verify import parse_expect, verify
@@ -295,7 +307,7 @@ def _verify(args: argparse.Namespace, paths: list[str]) -> int:
     if args.format == "json":
         print(json.dumps(report.as_dict(), indent=2))
     else:
-        render_verify(report, Console(highlight=False, soft_wrap=not sys.stdout.isatty()))
+        render_verify(report, _console(highlight=False, soft_wrap=not sys.stdout.isatty()))
     return 0 if report.ok else 1
 
 
@@ -381,7 +393,6 @@ def _review(args: argparse.Namespace, paths: list[str], flt: RecordFilter, step:
 
 def _summary(args: argparse.Namespace, paths: list[str], flt: RecordFilter, step: int | None,
              stats: ReadStats) -> int:  # fmt: skip
-    from rich.console import Console
 
     from gateway.audit.summary import summarize, write_summary_csv
     from gateway.audit.views import RichProgress, render_summary
@@ -400,7 +411,7 @@ def _summary(args: argparse.Namespace, paths: list[str], flt: RecordFilter, step
         finally:
             out.detach()
     else:
-        render_summary(summary, Console(highlight=False), top=args.top, step=step)
+        render_summary(summary, _console(highlight=False), top=args.top, step=step)
     return 0
 
 
@@ -426,7 +437,6 @@ def _by(args: argparse.Namespace, paths: list[str], flt: RecordFilter) -> int:
         finally:
             out.detach()
         return 0
-    from rich.console import Console
     from rich.table import Table
 
     from gateway.audit.views import safe
@@ -439,7 +449,7 @@ def _by(args: argparse.Namespace, paths: list[str], flt: RecordFilter) -> int:
         table.add_column(column, justify="right", style=styles.get(column, "bold"))
     for key, counts in rows:
         table.add_row(safe(key), *[f"{c:,}" if c else "·" for c in counts])
-    Console(highlight=False).print(table)
+    _console(highlight=False).print(table)
     return 0
 
 
@@ -463,10 +473,9 @@ def _report_read_problems(stats: ReadStats) -> None:
 def _pager(args: argparse.Namespace) -> Iterator[Any]:
     """A console writing into $PAGER (less -FRX: quits at once when the table fits the screen) when
     stdout is a terminal; streamed, so a long table does not have to fit in memory first."""
-    from rich.console import Console
 
     if args.no_pager or not sys.stdout.isatty():
-        yield Console(highlight=False)
+        yield _console(highlight=False)
         return
     width = shutil.get_terminal_size().columns
     env = dict(os.environ)
@@ -475,12 +484,12 @@ def _pager(args: argparse.Namespace) -> Iterator[Any]:
         command = shlex.split(os.environ.get("PAGER") or "less")
         pager = subprocess.Popen(command, stdin=subprocess.PIPE, env=env)
     except (OSError, ValueError):
-        yield Console(highlight=False)
+        yield _console(highlight=False)
         return
     assert pager.stdin is not None
     stream: IO[str] = io.TextIOWrapper(pager.stdin, encoding="utf-8", errors="replace")
     try:
-        yield Console(file=stream, force_terminal=True, width=width, highlight=False)
+        yield _console(file=stream, force_terminal=True, width=width, highlight=False)
         stream.flush()
     except BrokenPipeError:
         pass  # the reader quit the pager early
@@ -502,7 +511,6 @@ def _end_offset(path: str) -> int:
 
 
 def _follow(args: argparse.Namespace, paths: list[str], flt: RecordFilter) -> int:
-    from rich.console import Console
 
     from gateway.audit.views import TableView, write_csv, write_json
 
@@ -525,7 +533,7 @@ def _follow(args: argparse.Namespace, paths: list[str], flt: RecordFilter) -> in
                     backlog.append(record)
     from gateway.audit.lines import write_lines
 
-    console = Console(highlight=False)
+    console = _console(highlight=False)
     fmt = args.format or ("table" if sys.stdout.isatty() else "lines")
     out = _text_out() if fmt != "table" else None
     table = TableView(console, show_tenant=_multi_tenant(paths), chunk=1)
