@@ -203,3 +203,45 @@ def test_the_raw_line_pre_test_never_rejects_a_match() -> None:
                 assert flt.may_match(line.encode()), (flt, line)
     odd = rec(p.Lstat(b'/odd "decision":"deny"'))
     assert not build(decision=["deny"]).may_match(json.dumps(odd, separators=(",", ":")).encode())
+
+
+def test_every_time_word() -> None:
+    """ausearch's words, bare times of day and epochs (NOW is a Sunday: 2026-11-22)."""
+    local = NOW.astimezone()
+    midnight = local.replace(hour=0, minute=0, second=0, microsecond=0)
+    assert parse_time("recent", NOW) == NOW - timedelta(minutes=10)
+    assert parse_time("this-week", NOW) == midnight - timedelta(days=midnight.weekday())
+    assert parse_time("this-week", NOW).astimezone().weekday() == 0  # since Monday
+    assert parse_time("this-month", NOW) == midnight.replace(day=1)
+    assert parse_time("this-year", NOW) == midnight.replace(month=1, day=1)
+    assert parse_time("this hour", NOW) == parse_time("this-hour", NOW)
+    boot = parse_time("boot", NOW)
+    assert boot < datetime.now(UTC) and boot.tzinfo is not None
+    with open("/proc/stat") as f:
+        btime = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+    assert boot == datetime.fromtimestamp(btime, UTC)
+    assert parse_time("19:00", NOW) == midnight.replace(hour=19)
+    assert parse_time("07:05:09", NOW) == midnight.replace(hour=7, minute=5, second=9)
+    assert parse_time("1700000000", NOW) == datetime.fromtimestamp(1700000000, UTC)
+    assert parse_time("@1700000000.5", NOW) == datetime.fromtimestamp(1700000000.5, UTC)
+    assert parse_time("@86400", NOW) == datetime(1970, 1, 2, tzinfo=UTC)
+    for bad in ("25:00", "7:61", "this-decade", "12", "@x"):
+        with pytest.raises(ValueError):
+            parse_time(bad, NOW)
+
+
+def test_path_also_matches_the_canonical_paths_decided_on() -> None:
+    flt = build(path=["/home/alice/**"])
+    via_link = dict(rec(p.Lstat(b"/link/notes.txt")), resolved="/home/alice/notes.txt")
+    assert flt(via_link) and not flt(rec(p.Lstat(b"/link/notes.txt")))
+    renamed = dict(rec(p.Rename(b"/tmp/a", b"/l/b")), resolved2="/home/alice/b")
+    assert flt(renamed)
+
+
+def test_failed_keeps_denials_and_errors() -> None:
+    flt = build(failed=True)
+    assert flt(rec(p.Lstat(b"/x"), decision="deny", result="EACCES"))
+    assert flt(rec(p.Lstat(b"/x"), decision="would-deny"))
+    assert flt(rec(p.Lstat(b"/x"), result="ENOENT"))
+    assert not flt(rec(p.Lstat(b"/x")))
+    assert not flt({"event": "start", "seq": 1})

@@ -220,7 +220,8 @@ class _Checkpoints:
                 "files were not given, so whether its first seals are the first ever made is not checked"
             )
         key = self.chain.key(epoch)
-        if key is None or not hmac.compare_digest(compute_seal(key, cp), str(cp.get("seal"))):
+        given = str(cp.get("seal")).encode("utf-8", "surrogateescape")  # (bytes: any text compares)
+        if key is None or not hmac.compare_digest(compute_seal(key, cp).encode(), given):
             report.add(Problem(path, lineno, "bad seal", (
                 "the seal does not match this checkpoint's range and chain head under its epoch's key: "
                 "the records before it were changed and the chain recomputed, or the seal was forged"
