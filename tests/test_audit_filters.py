@@ -187,15 +187,21 @@ def test_the_raw_line_pre_test_never_rejects_a_match() -> None:
     filters = [build(decision=[d]) for d in ("allow", "deny", "would-deny")]
     filters += [build(tenant=[t]) for t in ("guest-42", 'we"ird', "other")]
     filters += [build(decision=["deny"], tenant=["guest-42"]), build(op=["write"], decision=["allow"])]
-    for request, decision, tenant in itertools.product(
-        requests, ("allow", "deny", "would-deny"), ("guest-42", 'we"ird')
-    ):
+    filters += [build(rule=[r]) for r in ("none", "homes", 'a"b', "hom*")]
+    filters += [build(op=[o]) for o in ("open", "read", "mkdir", "lstat", "create")]
+    filters += [build(result=[r]) for r in ("ok", "ENOENT", "error")]
+    filters += [build(event=[e]) for e in ("request", "start", "lifecycle")]
+    for request, decision, tenant, rule, result in itertools.product(
+        requests, ("allow", "deny", "would-deny"), ("guest-42", 'we"ird'), (None, "homes", 'a"b'),
+        ("ok", "ENOENT"),
+    ):  # fmt: skip
         line = (
             '{"seq":1,"time":"2026-11-22T07:00:00.000000Z","tenant":'
             + json.dumps(tenant)
             + ',"policy":"ab","event":"request",'
             + request_fragment(request)
-            + f',"decision":"{decision}","rule":null,"reason":"","result":"ok","us":1.0,"prev":"0"}}'
+            + f',"decision":"{decision}","rule":{json.dumps(rule)},"reason":"","result":"{result}","us":1.0'
+            + ',"prev":"0"}'
         )
         record = json.loads(line)
         for flt in filters:
@@ -203,6 +209,10 @@ def test_the_raw_line_pre_test_never_rejects_a_match() -> None:
                 assert flt.may_match(line.encode()), (flt, line)
     odd = rec(p.Lstat(b'/odd "decision":"deny"'))
     assert not build(decision=["deny"]).may_match(json.dumps(odd, separators=(",", ":")).encode())
+    compact = json.dumps(rec(p.Lstat(b"/x")), separators=(",", ":")).encode()
+    assert not build(rule=["other"]).may_match(compact) and build(rule=["homes"]).may_match(compact)
+    assert not build(op=["mkdir"]).may_match(compact) and not build(result=["ENOENT"]).may_match(compact)
+    assert build(decision=["deny"]).may_match(b"not the writer's shape")  # parsed, then judged
 
 
 def test_every_time_word() -> None:

@@ -199,6 +199,24 @@ def time_key(moment: datetime) -> str:
 # The filter
 
 
+def _needle_test(needles: list[tuple[bytes, ...]]) -> Callable[[bytes], bool]:
+    """may_match for these needles as one generated expression (as fields.py generates its encoders): a
+    chain of `in` tests costs a third of all()/any() over generators, and it runs once a line."""
+    if not needles:
+        return lambda line: True
+    namespace: dict[str, Any] = {}
+    groups = []
+    for i, alternatives in enumerate(needles):
+        names = []
+        for j, needle in enumerate(alternatives):
+            namespace[f"n{i}_{j}"] = needle
+            names.append(f"n{i}_{j} in line")
+        groups.append("(" + " or ".join(names) + ")")
+    source = "def may_match(line):\n    return (" + " and ".join(groups) + ") or line[:7] != b'{\"seq\":'\n"
+    exec(source, namespace)
+    return namespace["may_match"]  # type: ignore[no-any-return]
+
+
 def _split(values: Iterable[str] | None) -> list[str]:
     return [v.strip() for value in values or () for v in value.split(",") if v.strip()]
 
@@ -254,7 +272,7 @@ class RecordFilter:
 
     def __getstate__(self) -> dict[str, Any]:
         # The compiled tests are closures (not picklable); a worker process compiles its own.
-        return {k: v for k, v in self.__dict__.items() if k not in ("_tests", "_needles")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_tests", "_needles", "may_match")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state, _tests=[], _needles=[])
@@ -277,9 +295,12 @@ class RecordFilter:
             events = frozenset(self.events)
             lifecycle = "lifecycle" in events
             tests.append(lambda r: r.get("event") in events or (lifecycle and r.get("event") != "request"))
+            if not lifecycle:
+                needles.append(tuple(b'"event":' + quote(e).encode() for e in events))
         if self.ops:
             ops = self.ops
             tests.append(lambda r: op_class(r) in ops)
+            needles.append(tuple(sorted({b'"op":' + quote(o.split(":")[0]).encode() for o in ops})))
         if self.paths:
             patterns = self.paths
             # The request's paths and the canonical ones the rules decided on (resolved, resolved2):
@@ -295,6 +316,11 @@ class RecordFilter:
             tests.append(lambda r: (r.get("rule") is None and none and "decision" in r) or any(
                 isinstance(r.get("rule"), str) and fnmatch.fnmatchcase(r["rule"], w) for w in wanted
             ))  # fmt: skip
+            if not any(set(w) & set("*?[") for w in wanted):
+                needles.append(tuple(
+                    b'"rule":null' if w.lower() in ("none", "-") else b'"rule":' + quote(w).encode()
+                    for w in wanted
+                ))  # fmt: skip
         for key, ranges in (("uid", self.uids), ("gid", self.gids)):
             if ranges:
                 tests.append(lambda r, key=key, ranges=ranges: isinstance(r.get(key), int) and any(
@@ -310,10 +336,14 @@ class RecordFilter:
             results = frozenset(self.results)
             error = "error" in results
             tests.append(lambda r: r.get("result") in results or (error and r.get("result", "ok") != "ok"))
+            if not error:
+                needles.append(tuple(b'"result":' + quote(r).encode() for r in results))
         if self.failed:
             tests.append(lambda r: r.get("event", "request") == "request" and (
                 r.get("decision") in ("deny", "would-deny") or r.get("result", "ok") != "ok"
             ))  # fmt: skip
+
+        self.may_match = _needle_test(needles)  # type: ignore[method-assign]
 
     @property
     def active(self) -> bool:
@@ -322,7 +352,8 @@ class RecordFilter:
     def may_match(self, line: bytes) -> bool:
         """False only when the line cannot match: a needed key:value pair is absent from the raw bytes.
         (Inside a JSON string every quote is escaped, so '"decision":"deny"' can only be the member.)
-        Only lines in the writer's own compact shape are judged; anything else goes on to be parsed."""
+        Only lines in the writer's own compact shape are judged; anything else goes on to be parsed.
+        (_compile replaces this with a function generated for the filter's needles.)"""
         if not line.startswith(b'{"seq":'):
             return True
         return all(any(n in line for n in alternatives) for alternatives in self._needles)

@@ -49,9 +49,27 @@ def _value(value: Any) -> str:
     return '"' + _CONTROL.sub(_escape, text.replace("\\", "\\\\").replace('"', '\\"')) + '"'
 
 
+# Anything that makes a text need quoting or escaping: one search decides the common case (a plain path,
+# a rule id, a hash), which then goes out as it is.
+_SPECIAL = re.compile(
+    r'[\s"=\\\x00-\x1f\x7f-\x9f\ud800-\udfff\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]'
+)
+
+
 def format_line(record: dict[str, Any]) -> str:
     """One record as one line: key=value for every field, in the record's order."""
-    return " ".join(f"{_CONTROL.sub(_escape, str(k))}={_value(v)}" for k, v in record.items())
+    parts = []
+    special = _SPECIAL.search
+    for k, v in record.items():
+        key = k if k.__class__ is str and k and not special(k) else _value(k)
+        cls = v.__class__
+        if cls is int or cls is float:  # (not bool: its class is bool)
+            parts.append(f"{key}={v}")
+        elif cls is str and v and not special(v):
+            parts.append(key + "=" + v)
+        else:
+            parts.append(key + "=" + _value(v))
+    return " ".join(parts)
 
 
 def write_lines(records: Iterable[dict[str, Any]], out: IO[str]) -> int:
