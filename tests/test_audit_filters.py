@@ -181,6 +181,8 @@ def test_the_raw_line_pre_test_never_rejects_a_match() -> None:
 
     requests = [
         p.Open(b"/etc/shadow", os.O_RDWR),
+        p.Lstat(b"//etc/./shadow"),
+        p.Lstat(b"/x/../etc/shadow/"),
         p.Lstat(b'/odd "decision":"deny" \\ name'),
         p.Mkdir(0, 0, b"/\xff", 0o755),
     ]
@@ -191,6 +193,7 @@ def test_the_raw_line_pre_test_never_rejects_a_match() -> None:
     filters += [build(op=[o]) for o in ("open", "read", "mkdir", "lstat", "create")]
     filters += [build(result=[r]) for r in ("ok", "ENOENT", "error")]
     filters += [build(event=[e]) for e in ("request", "start", "lifecycle")]
+    filters += [build(path=[g]) for g in ("/etc/**", "shadow", "/odd*", "/*/shadow", "**/\xff", "/{etc,x}/*")]
     for request, decision, tenant, rule, result in itertools.product(
         requests, ("allow", "deny", "would-deny"), ("guest-42", 'we"ird'), (None, "homes", 'a"b'),
         ("ok", "ENOENT"),
@@ -213,6 +216,8 @@ def test_the_raw_line_pre_test_never_rejects_a_match() -> None:
     assert not build(rule=["other"]).may_match(compact) and build(rule=["homes"]).may_match(compact)
     assert not build(op=["mkdir"]).may_match(compact) and not build(result=["ENOENT"]).may_match(compact)
     assert build(decision=["deny"]).may_match(b"not the writer's shape")  # parsed, then judged
+    assert not build(path=["/etc/**"]).may_match(compact) and build(path=["/x*"]).may_match(compact)
+    assert build(path=["/home/**", "/x"]).may_match(compact)
 
 
 def test_every_time_word() -> None:

@@ -82,6 +82,8 @@ def glob_regex(pattern: str) -> GlobSet:
 
 def normal_path(path: str) -> str:
     """Lexically normalised as the engine sees paths (QEMU sends //dir/file): no //, ., .., clamped at /."""
+    if path[:1] == "/" and "//" not in path and "/." not in path and path[-1:] != "/":
+        return path  # already normal (the common case: normpath would return it as it is)
     path = posixpath.normpath("/" + path)
     return "/" + path.lstrip("/") if path.startswith("//") else path
 
@@ -199,6 +201,18 @@ def time_key(moment: datetime) -> str:
 # The filter
 
 
+_LITERAL = re.compile(r"[A-Za-z0-9._-]+\Z")
+
+
+def _literal(pattern: str) -> bytes | None:
+    """The longest component of a path glob that can only match itself (letters, digits, . _ -), as the
+    bytes that must then be in the raw line: a path the glob matches has that component, lexical
+    normalisation never makes one up, and JSON leaves those characters as they are. None if there is
+    none (every component has a wildcard, a class or alternatives)."""
+    parts = [c for c in pattern.split("/") if _LITERAL.match(c) and c not in (".", "..")]
+    return max(parts, key=len).encode() if parts else None
+
+
 def _needle_test(needles: list[tuple[bytes, ...]]) -> Callable[[bytes], bool]:
     """may_match for these needles as one generated expression (as fields.py generates its encoders): a
     chain of `in` tests costs a third of all()/any() over generators, and it runs once a line."""
@@ -237,6 +251,7 @@ class RecordFilter:
     results: list[str] = field(default_factory=list)
     events: list[str] = field(default_factory=list)
     failed: bool = False  # aureport's --failed: denied, would-deny, or a result other than ok
+    path_texts: list[str] = field(default_factory=list)  # the --path patterns as given
     _tests: list[Callable[[dict[str, Any]], bool]] = field(default_factory=list, repr=False)
     _needles: list[tuple[bytes, ...]] = field(default_factory=list, repr=False)
 
@@ -266,6 +281,7 @@ class RecordFilter:
             results=[r.upper() if r.lower() not in ("ok", "error") else r.lower() for r in _split(result)],
             events=[e.lower() for e in _split(event)],
             failed=failed,
+            path_texts=[p for p in (path or ()) if p],
         )
         f._compile()
         return f
@@ -305,11 +321,20 @@ class RecordFilter:
             patterns = self.paths
             # The request's paths and the canonical ones the rules decided on (resolved, resolved2):
             # a search for /home/alice/** finds a request that reached it through a symlink.
-            tests.append(lambda r: any(
-                isinstance(v, str) and p.matches(normal_path(v))
-                for v in (r.get("path"), r.get("path2"), r.get("resolved"), r.get("resolved2"))
-                for p in patterns
-            ))  # fmt: skip
+            def on_path(r: dict[str, Any]) -> bool:
+                for key in ("path", "path2", "resolved", "resolved2"):
+                    v = r.get(key)
+                    if v.__class__ is str:
+                        v = normal_path(v)
+                        for p in patterns:
+                            if p.matches(v):
+                                return True
+                return False
+
+            tests.append(on_path)
+            literals = [_literal(text) for text in self.path_texts]
+            if literals and all(literals):
+                needles.append(tuple(literals))  # type: ignore[arg-type]
         if self.rules:
             wanted = self.rules
             none = any(w.lower() in ("none", "-") for w in wanted)
