@@ -691,6 +691,20 @@ class AuditWriter:
                 log.error("audit: sealing stopped: cannot evolve the key in %s (%s)", seal.path, exc)
         return True
 
+    def checkpoint_if_due(self) -> bool:
+        """For an idle loop: the time-based checkpoint, if records were written since the last one and
+        checkpoint_seconds have passed (a quiet gateway's last records are then sealed without waiting
+        for its next record). True if one was written."""
+        if self._fd < 0 or self._failed is not None or self._seq <= self._cp_first:
+            return False
+        if _monotonic() < self._cp_due_mono:
+            return False
+        return self.checkpoint(False)
+
+    @property
+    def checkpoint_seconds(self) -> float:
+        return self._cp_seconds
+
     @property
     def sealed(self) -> bool:
         return self._seal is not None
