@@ -50,7 +50,8 @@ EPILOG = (
 op groups: """
     + ", ".join(f"{g}" for g in OP_GROUPS)
     + """ (OPEN counts as write when its flags have
-  O_WRONLY, O_RDWR, O_TRUNC, O_APPEND or O_CREAT). Times: """
+  O_WRONLY, O_RDWR, O_TRUNC, O_APPEND or O_CREAT).
+times: """
     + ", ".join(TIME_WORDS)
     + """,
   a time of day (19:00), an epoch (@1700000000), 10m / 2h / 3d (ago), or RFC 3339 (without an offset:
