@@ -87,7 +87,7 @@ cdef extern from "fastloop_c.h" nogil:
     uint64_t gw_fnv1a(const unsigned char *s, size_t n, uint64_t h)
     int gw_wrap_signal(int sig, int sock)
     void gw_unwrap_signal(int sig)
-    int gw_signals_seen(int sock)
+    int gw_signals_seen(int sock, long idle_ms)
     int O_PATH, O_CLOEXEC, O_DIRECTORY, O_NOFOLLOW, O_CREAT
     int O_TMPFILE, S_IFDIR, AT_SYMLINK_NOFOLLOW
     uint64_t UTIME_OMIT
@@ -177,6 +177,7 @@ cdef class CompiledLoop:
     cdef object server, decoder, stats
     cdef DecisionTable table
     cdef TrailRecorder trail      # None without a trail
+    cdef long idle_ms             # the receive timeout while idle: the trail's checkpoint_seconds (0: none)
     cdef int sock_fd, root_fd, proc_fd, wakeup_fd
     cdef uint32_t host_euid, host_egid
     cdef gw_fsids ids             # CREATE's switch to the guest's ids (its capability sets kept)
@@ -224,6 +225,7 @@ cdef class CompiledLoop:
         self.tmpfile_bits = O_TMPFILE & ~O_DIRECTORY
         self.table = DecisionTable()
         self.trail = None if server.audit is None else TrailRecorder(server.audit, _SERVED)
+        self.idle_ms = 0 if server.audit is None else int(min(server.audit.checkpoint_seconds, 3600) * 1000)
         self.rpos = self.rend = 0
         self.served = self.handed = 0
         self._pull()
@@ -273,6 +275,8 @@ cdef class CompiledLoop:
             for sig in _WRAPPED_SIGNALS:
                 if gw_wrap_signal(sig, self.sock_fd) < 0:
                     raise OSError(errno, f"sigaction({sig}): {os.strerror(errno)}")
+            if self.idle_ms and gw_signals_seen(self.sock_fd, self.idle_ms) < 0:
+                raise OSError(errno, "setsockopt SO_RCVTIMEO: " + os.strerror(errno))
             if self.server.signals_pending and self._signals():
                 return self.stats  # those that came while no loop was serving (waiting for the client)
             while True:
@@ -346,11 +350,13 @@ cdef class CompiledLoop:
         1: a stop was asked for (SIGTERM or SIGINT), the session ends."""
         cdef bint keep = True
         self.signalled = False
-        if gw_signals_seen(self.sock_fd) < 0:
+        if gw_signals_seen(self.sock_fd, self.idle_ms) < 0:
             raise OSError(errno, "setsockopt SO_RCVTIMEO: " + os.strerror(errno))
         PyErr_CheckSignals()
         self._push()
         server = self.server
+        if self.trail is not None:
+            server.audit.checkpoint_if_due()  # (woken by the idle timeout: the records before it sealed)
         if self.wakeup_fd >= 0:
             server._take_wakeup()
         if server.signals_pending:

@@ -373,8 +373,10 @@ static void gw_unwrap_signal(int sig) {
 }
 
 /* Called by the loop before it acts on signals: the socket's receive wait is unbounded again. */
-static int gw_signals_seen(int sock) {
-    struct timeval tv = {0, 0};
+/* idle_ms: the receive timeout the loop waits with otherwise (0: none), so that an idle loop wakes to
+   write a checkpoint that has come due (the trail's checkpoint_seconds). */
+static int gw_signals_seen(int sock, long idle_ms) {
+    struct timeval tv = {idle_ms / 1000, (idle_ms % 1000) * 1000};
     return setsockopt(sock, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
 }
 

@@ -17,6 +17,8 @@ cdef class TrailRecorder:
     cdef char prev[65]
     cdef int64_t size, reserved_end
     cdef double last_sync, interval
+    cdef uint64_t cp_due_seq      # the writer's next checkpoint: at this seq, or at this CLOCK_MONOTONIC
+    cdef int64_t cp_due_ns
     cdef int sync_mode            # 0 never, 1 every, 2 interval
     cdef bytes head
     cdef int64_t tsec
@@ -69,6 +71,9 @@ cdef class TrailRecorder:
         self.last_sync = w._last_sync
         self.sync_mode = {"never": 0, "every": 1, "interval": 2}[w._sync]
         self.head = w._head.encode("ascii")
+        self.cp_due_seq = min(w._cp_due_seq, 1 << 62)
+        due = w._cp_due_mono
+        self.cp_due_ns = (1 << 62) if due > 4e9 else <int64_t> (due * 1e9)  # (inf: never by time)
         return 0
 
     cdef int push(self) except -1:
@@ -188,8 +193,14 @@ cdef class TrailRecorder:
         if gw_sha256_hex(<unsigned char *> self.line, line_len, self.prev) < 0:
             return self._failed(EIO, "sha256 failed")
         self.seq += 1
-        if self.sync_mode:
-            return self._sync()
+        if self.sync_mode and self._sync() < 0:
+            return -1
+        if self.seq >= self.cp_due_seq or gw_mono_ns() >= self.cp_due_ns:
+            # A checkpoint is due: the writer writes it (sealing, evolving the key) with the state
+            # handed over, as for any Python code. A failure latches the writer; this record stands.
+            self.push()
+            self.writer.checkpoint(False)
+            self.pull()
         return 0
 
     cdef int _sync(self) except -2:

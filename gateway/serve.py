@@ -23,6 +23,7 @@ from pathlib import Path
 
 from gateway import __version__, fastloop, landlock, signals, systemd
 from gateway.audit import AuditError, AuditWriter
+from gateway.audit.seal import open_seal_key
 from gateway.core.executor import Executor, getversion_supported
 from gateway.endpoint import StartupError, close_inherited_fds, open_endpoint, peer_credentials
 from gateway.logfmt import kv
@@ -45,6 +46,7 @@ USAGE = """usage: {prog}
  [--audit-log FILE] the trail (default: the policy's audit.path, else
    /var/log/gateway/<tenant>@<socket path, or fd-<export>>.jsonl)
  [--audit-sync every|interval|never] [--audit-syslog] [--console] (with -n: a live rich view)
+ [--audit-seal-key FILE] seal the trail's checkpoints (`gateway audit keygen` makes the key)
  [--seccomp kill|trap|log|errno|none] [--no-landlock]
  [--persist] (with -s) after a client goes, wait for the next one
 """
@@ -106,6 +108,7 @@ def build_parser(prog: str = "gateway serve") -> argparse.ArgumentParser:
         "--audit-sync", dest="audit_sync", default="interval", choices=["every", "interval", "never"]
     )
     parser.add_argument("--audit-syslog", dest="audit_syslog", action="store_true")
+    parser.add_argument("--audit-seal-key", dest="audit_seal_key")  # gateway.audit.seal
     parser.add_argument("--console", dest="console", action="store_true")
     parser.add_argument(
         "--seccomp", dest="seccomp", default="kill", choices=["kill", "trap", "log", "errno", "none"]
@@ -134,6 +137,8 @@ OPTION_HELP: dict[str, tuple[str | None, str]] = {
                   "/var/log/gateway/TENANT@CHANNEL.jsonl, CHANNEL from the socket path or the export)"),
     "audit_sync": (None, "fsync after every record, at most once a second (default), or never"),
     "audit_syslog": (None, "also send each record to /dev/log (RFC 5424, structured data)"),
+    "audit_seal_key": ("FILE", "seal the trail's checkpoints with this forward-secure key (made by "
+                               "`gateway audit keygen`; it evolves at each checkpoint)"),
     "console": (None, "with -n: draw a live line per decision on stdout"),
     "seccomp": (None, "the system-call filter's action for a forbidden call (default: kill)"),
     "landlock": (None, "do not apply Landlock (the other walls stand)"),
@@ -288,6 +293,7 @@ def open_trail(opts: argparse.Namespace, policy: Policy, tenant: str) -> AuditWr
             syslog=opts.audit_syslog,
             console=console,
             channel=channel,
+            seal=open_seal_key(opts.audit_seal_key),  # opened now: before the sandbox
         )
     except AuditError as exc:
         if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):

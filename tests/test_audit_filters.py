@@ -181,21 +181,30 @@ def test_the_raw_line_pre_test_never_rejects_a_match() -> None:
 
     requests = [
         p.Open(b"/etc/shadow", os.O_RDWR),
+        p.Lstat(b"//etc/./shadow"),
+        p.Lstat(b"/x/../etc/shadow/"),
         p.Lstat(b'/odd "decision":"deny" \\ name'),
         p.Mkdir(0, 0, b"/\xff", 0o755),
     ]
     filters = [build(decision=[d]) for d in ("allow", "deny", "would-deny")]
     filters += [build(tenant=[t]) for t in ("guest-42", 'we"ird', "other")]
     filters += [build(decision=["deny"], tenant=["guest-42"]), build(op=["write"], decision=["allow"])]
-    for request, decision, tenant in itertools.product(
-        requests, ("allow", "deny", "would-deny"), ("guest-42", 'we"ird')
-    ):
+    filters += [build(rule=[r]) for r in ("none", "homes", 'a"b', "hom*")]
+    filters += [build(op=[o]) for o in ("open", "read", "mkdir", "lstat", "create")]
+    filters += [build(result=[r]) for r in ("ok", "ENOENT", "error")]
+    filters += [build(event=[e]) for e in ("request", "start", "lifecycle")]
+    filters += [build(path=[g]) for g in ("/etc/**", "shadow", "/odd*", "/*/shadow", "**/\xff", "/{etc,x}/*")]
+    for request, decision, tenant, rule, result in itertools.product(
+        requests, ("allow", "deny", "would-deny"), ("guest-42", 'we"ird'), (None, "homes", 'a"b'),
+        ("ok", "ENOENT"),
+    ):  # fmt: skip
         line = (
             '{"seq":1,"time":"2026-11-22T07:00:00.000000Z","tenant":'
             + json.dumps(tenant)
             + ',"policy":"ab","event":"request",'
             + request_fragment(request)
-            + f',"decision":"{decision}","rule":null,"reason":"","result":"ok","us":1.0,"prev":"0"}}'
+            + f',"decision":"{decision}","rule":{json.dumps(rule)},"reason":"","result":"{result}","us":1.0'
+            + ',"prev":"0"}'
         )
         record = json.loads(line)
         for flt in filters:
@@ -203,3 +212,51 @@ def test_the_raw_line_pre_test_never_rejects_a_match() -> None:
                 assert flt.may_match(line.encode()), (flt, line)
     odd = rec(p.Lstat(b'/odd "decision":"deny"'))
     assert not build(decision=["deny"]).may_match(json.dumps(odd, separators=(",", ":")).encode())
+    compact = json.dumps(rec(p.Lstat(b"/x")), separators=(",", ":")).encode()
+    assert not build(rule=["other"]).may_match(compact) and build(rule=["homes"]).may_match(compact)
+    assert not build(op=["mkdir"]).may_match(compact) and not build(result=["ENOENT"]).may_match(compact)
+    assert build(decision=["deny"]).may_match(b"not the writer's shape")  # parsed, then judged
+    assert not build(path=["/etc/**"]).may_match(compact) and build(path=["/x*"]).may_match(compact)
+    assert build(path=["/home/**", "/x"]).may_match(compact)
+
+
+def test_every_time_word() -> None:
+    """ausearch's words, bare times of day and epochs (NOW is a Sunday: 2026-11-22)."""
+    local = NOW.astimezone()
+    midnight = local.replace(hour=0, minute=0, second=0, microsecond=0)
+    assert parse_time("recent", NOW) == NOW - timedelta(minutes=10)
+    assert parse_time("this-week", NOW) == midnight - timedelta(days=midnight.weekday())
+    assert parse_time("this-week", NOW).astimezone().weekday() == 0  # since Monday
+    assert parse_time("this-month", NOW) == midnight.replace(day=1)
+    assert parse_time("this-year", NOW) == midnight.replace(month=1, day=1)
+    assert parse_time("this hour", NOW) == parse_time("this-hour", NOW)
+    boot = parse_time("boot", NOW)
+    assert boot < datetime.now(UTC) and boot.tzinfo is not None
+    with open("/proc/stat") as f:
+        btime = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+    assert boot == datetime.fromtimestamp(btime, UTC)
+    assert parse_time("19:00", NOW) == midnight.replace(hour=19)
+    assert parse_time("07:05:09", NOW) == midnight.replace(hour=7, minute=5, second=9)
+    assert parse_time("1700000000", NOW) == datetime.fromtimestamp(1700000000, UTC)
+    assert parse_time("@1700000000.5", NOW) == datetime.fromtimestamp(1700000000.5, UTC)
+    assert parse_time("@86400", NOW) == datetime(1970, 1, 2, tzinfo=UTC)
+    for bad in ("25:00", "7:61", "this-decade", "12", "@x"):
+        with pytest.raises(ValueError):
+            parse_time(bad, NOW)
+
+
+def test_path_also_matches_the_canonical_paths_decided_on() -> None:
+    flt = build(path=["/home/alice/**"])
+    via_link = dict(rec(p.Lstat(b"/link/notes.txt")), resolved="/home/alice/notes.txt")
+    assert flt(via_link) and not flt(rec(p.Lstat(b"/link/notes.txt")))
+    renamed = dict(rec(p.Rename(b"/tmp/a", b"/l/b")), resolved2="/home/alice/b")
+    assert flt(renamed)
+
+
+def test_failed_keeps_denials_and_errors() -> None:
+    flt = build(failed=True)
+    assert flt(rec(p.Lstat(b"/x"), decision="deny", result="EACCES"))
+    assert flt(rec(p.Lstat(b"/x"), decision="would-deny"))
+    assert flt(rec(p.Lstat(b"/x"), result="ENOENT"))
+    assert not flt(rec(p.Lstat(b"/x")))
+    assert not flt({"event": "start", "seq": 1})

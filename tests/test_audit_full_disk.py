@@ -88,8 +88,12 @@ def test_a_full_trail_disk_performs_nothing_it_cannot_record(tmp_path: Path, sma
     refused = [key for key, code in replies.items() if code]
     assert refused, "the disk never filled: nothing was tested"
     assert {replies[key] for key in refused} == {errno.EIO}
-    out = subprocess.run([*AUDIT, str(trail), "--verify"], capture_output=True, text=True)
+    # Whole lines and an intact chain; the writer that failed wrote no final checkpoint, which plain
+    # --verify reports (as it would a cut) and --live accepts
+    out = subprocess.run([*AUDIT, str(trail), "--verify", "--live"], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+    out = subprocess.run([*AUDIT, str(trail), "--verify"], capture_output=True, text=True)
+    assert out.returncode == 1 and "unsealed tail" in out.stdout, out.stdout + out.stderr
 
 
 def test_a_symlink_planted_at_the_trail_is_refused(tmp_path: Path) -> None:

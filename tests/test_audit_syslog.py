@@ -44,10 +44,12 @@ def test_each_record_goes_to_syslog_as_rfc5424(tmp_path: Path, log_socket: socke
         )
         w.request(p.Lstat(b"/"), decision="allow", rule=None, reason="default", result="ok", us=1.0)
     lines = path.read_bytes().split(b"\n")[:-1]
-    messages = [log_socket.recv(65536) for _ in range(3)]
+    messages = [log_socket.recv(65536) for _ in range(4)]
     parsed = [RFC5424.match(m) for m in messages]
     assert all(parsed), messages
-    start, deny, allow = parsed
+    start, deny, allow, checkpoint = parsed
+    # the checkpoints go off the host too: a copy that shows where the local trail ends
+    assert checkpoint["msgid"] == b"checkpoint" and json.loads(checkpoint["msg"])["final"] is True
     assert int(start["pri"]) == 10 * 8 + 6 and start["msgid"] == b"start"  # authpriv.info
     assert start["sd"] == b'[gateway@32473 seq="1" tenant="guest-42"]'
     assert int(deny["pri"]) == 10 * 8 + 5 and deny["msgid"] == b"request"  # authpriv.notice for a denial
@@ -99,10 +101,10 @@ def test_a_full_syslog_queue_drops_instead_of_blocking(tmp_path: Path, log_socke
         for _ in range(2000):
             w.request(p.Lstat(b"/x"), decision="allow", rule=None, reason="", result="ok", us=1)
         assert w.syslog_dropped > 0
-        assert w.seq == 2001  # every record is in the file all the same
+        assert w.seq == 2003  # every record is in the file all the same (and two checkpoints)
         dropped = w.syslog_dropped
         w.lifecycle("stop")
-    stop = json.loads((tmp_path / "t.jsonl").read_bytes().split(b"\n")[-2])
+    stop = json.loads((tmp_path / "t.jsonl").read_bytes().split(b"\n")[-3])  # before the final checkpoint
     assert stop["audit_dropped"] == {"syslog": dropped}
 
 
@@ -127,4 +129,4 @@ def test_syslog_never_reconnects_after_the_daemon_restarts(tmp_path: Path) -> No
     w.close()
     second.close()
     lines = (tmp_path / "t.jsonl").read_text().splitlines()
-    assert [json.loads(line)["event"] for line in lines] == ["start", "stop"]
+    assert [json.loads(line)["event"] for line in lines] == ["start", "stop", "checkpoint"]

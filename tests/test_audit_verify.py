@@ -39,8 +39,10 @@ def kinds(report) -> list[tuple[str, str, int]]:
 def test_a_clean_trail_verifies(tmp_path: Path) -> None:
     make_trail(tmp_path / "t.jsonl")
     report = verify([str(tmp_path / "t.jsonl")])
-    assert report.ok and report.records == 10 and report.first_seq == 1 and report.last_seq == 10
-    assert report.problems == [] and report.notes == []
+    # 10 records and the final checkpoint written at close
+    assert report.ok and report.records == 11 and report.first_seq == 1 and report.last_seq == 11
+    assert report.problems == [] and report.notes == [] and report.checkpoints == 1
+    assert report.sealed_through == 11 and not report.keyed and report.cannot_rule_out
 
 
 def test_an_edited_field_breaks_the_next_link(tmp_path: Path) -> None:
@@ -51,8 +53,9 @@ def test_an_edited_field_breaks_the_next_link(tmp_path: Path) -> None:
     lines[4] = json.dumps(record, separators=(",", ":")).encode()
     write_lines(path, lines)
     report = verify([str(path)])
-    assert kinds(report) == [("broken link", "t.jsonl", 6)]
-    assert "hash of line 5 " in report.problems[0].message  # names the line whose hash no longer matches
+    # The edited line itself is named (seq runs on, so nothing was removed: line 5 changed)
+    assert kinds(report) == [("edited line", "t.jsonl", 5)]
+    assert f"({path}:6)" in report.problems[0].message
 
 
 def test_an_edit_that_keeps_the_json_byte_for_byte_length_is_still_found(tmp_path: Path) -> None:
@@ -60,7 +63,7 @@ def test_an_edit_that_keeps_the_json_byte_for_byte_length_is_still_found(tmp_pat
     lines = make_trail(path)
     lines[2] = lines[2].replace(b'"/f1"', b'"/f9"')
     write_lines(path, lines)
-    assert kinds(verify([str(path)])) == [("broken link", "t.jsonl", 4)]
+    assert kinds(verify([str(path)])) == [("edited line", "t.jsonl", 3)]
 
 
 def test_a_deleted_line_is_a_broken_link_and_a_seq_gap(tmp_path: Path) -> None:
@@ -80,7 +83,7 @@ def test_a_swapped_pair_is_found(tmp_path: Path) -> None:
     write_lines(path, lines)
     report = verify([str(path)])
     assert not report.ok
-    assert report.problems[0].kind == "broken link" and report.problems[0].line == 6
+    assert report.problems[0].kind == "broken link" and report.problems[0].line == 6, kinds(report)
     assert ("seq out of order", "t.jsonl", 7) in kinds(report)
 
 
@@ -90,8 +93,8 @@ def test_a_truncated_file_has_a_truncated_last_line(tmp_path: Path) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: len(data) - 40])
     report = verify([str(path)])
-    assert kinds(report) == [("truncated last line", "t.jsonl", 10)]
-    assert str(report.problems[0]).startswith(f"{path}:10: truncated last line")
+    assert kinds(report) == [("truncated last line", "t.jsonl", 11), ("unsealed tail", "t.jsonl", 1)]
+    assert str(report.problems[0]).startswith(f"{path}:11: truncated last line")
 
 
 def test_an_inserted_line_is_found(tmp_path: Path) -> None:
@@ -134,7 +137,7 @@ def test_rotated_and_gzipped_files_verify_as_one_trail_in_any_order(tmp_path: Pa
     report = verify(files)
     assert report.ok, [str(p) for p in report.problems]
     assert report.files[0].endswith(".gz") and report.files[-1] == str(path)
-    assert report.records == 18  # 15 requests and 3 reopen records
+    assert report.records == 22  # 15 requests, 3 reopen records, 3 checkpoints closing files, the final one
 
 
 def test_a_missing_rotated_file_is_a_broken_link_across_files(tmp_path: Path) -> None:
@@ -147,7 +150,7 @@ def test_a_missing_rotated_file_is_a_broken_link_across_files(tmp_path: Path) ->
     w.close()
     report = verify([str(tmp_path / "t.0"), str(tmp_path / "t.2"), str(path)])
     assert [(k, f, n) for k, f, n in kinds(report)] == [("broken link", "t.2", 1), ("seq gap", "t.2", 1)]
-    assert f"the last line of the previous file, {tmp_path / 't.0'}:1" in report.problems[0].message
+    assert f"the last line of the previous file, {tmp_path / 't.0'}:2" in report.problems[0].message
 
 
 def test_a_truncated_gzip_file_is_reported(tmp_path: Path) -> None:
@@ -155,16 +158,16 @@ def test_a_truncated_gzip_file_is_reported(tmp_path: Path) -> None:
     data = gzip.compress(b"".join(line + b"\n" for line in lines))
     (tmp_path / "t.jsonl.1.gz").write_bytes(data[: len(data) // 2])
     report = verify([str(tmp_path / "t.jsonl.1.gz")])
-    assert report.problems[-1].kind == "truncated compressed file"
+    assert "truncated compressed file" in [p.kind for p in report.problems]
 
 
-def test_a_trail_that_starts_later_is_noted_not_failed(tmp_path: Path) -> None:
+def test_a_cut_head_is_a_problem(tmp_path: Path) -> None:
     path = tmp_path / "t.jsonl"
     lines = make_trail(path)
-    write_lines(path, lines[4:])
+    write_lines(path, lines[5:])  # tail -n +6
     report = verify([str(path)])
-    assert report.ok and report.first_seq == 5
-    assert "starts at seq 5" in report.notes[0]
+    assert kinds(report) == [("cut head", "t.jsonl", 1)] and report.first_seq == 6
+    assert "starts at seq 6" in report.problems[0].message
 
 
 def test_a_forged_first_record_is_found(tmp_path: Path) -> None:
@@ -180,4 +183,5 @@ def test_a_forged_first_record_is_found(tmp_path: Path) -> None:
 def test_report_as_dict(tmp_path: Path) -> None:
     make_trail(tmp_path / "t.jsonl")
     report = verify([str(tmp_path / "t.jsonl")]).as_dict()
-    assert report["ok"] is True and report["records"] == 10 and len(report["last_hash"]) == 64
+    assert report["ok"] is True and report["records"] == 11 and len(report["last_hash"]) == 64
+    assert report["keyed"] is False and report["checkpoints"] == 1 and report["cannot_rule_out"]

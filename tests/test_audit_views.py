@@ -175,7 +175,7 @@ def make_trail(path: Path) -> bytes:
 def test_json_is_the_writers_lines_byte_for_byte(tmp_path: Path) -> None:
     data = make_trail(tmp_path / "t.jsonl")
     out = io.StringIO()
-    assert write_json(iter_records([str(tmp_path / "t.jsonl")]), out) == 4
+    assert write_json(iter_records([str(tmp_path / "t.jsonl")]), out) == 5  # and the final checkpoint
     assert out.getvalue().encode() == data
 
 
@@ -185,7 +185,8 @@ def test_csv_shape(tmp_path: Path) -> None:
     write_csv(iter_records([str(tmp_path / "t.jsonl")]), out)
     rows = list(csv.DictReader(io.StringIO(out.getvalue())))
     assert list(rows[0]) == [*CSV_FIELDS, "extra"]
-    start, deny, create, utime = rows
+    start, deny, create, utime, checkpoint = rows
+    assert checkpoint["event"] == "checkpoint" and json.loads(checkpoint["extra"])["final"] is True
     assert start["event"] == "start" and json.loads(start["extra"])["version"] == "0.1.0"
     assert deny["flags"] == "O_RDWR" and deny["decision"] == "deny" and deny["result"] == "EROFS"
     assert create["path"] == "/home/a/\udcff" and create["mode"] == "0644" and create["uid"] == "1000"
@@ -217,7 +218,9 @@ def test_summary_counts_and_timeline() -> None:
     assert data["decisions"] == {"allow": 240, "deny": 120, "would-deny": 120}
     assert data["ops"] == {"open": {"allow": 240, "deny": 120, "would-deny": 120}}
     assert data["events"] == {"start": 1}
-    assert data["top_denied_paths"] == [{"path": "/etc/0", "count": 80}, {"path": "/etc/1", "count": 80}]
+    # deny and would-deny apart: 40 of each on each path
+    assert data["top_denied_paths"] == [{"path": "/etc/0", "count": 40}, {"path": "/etc/1", "count": 40}]
+    assert data["top_would_deny_paths"] == [{"path": "/etc/0", "count": 40}, {"path": "/etc/1", "count": 40}]
     timeline = data["timeline"]
     assert timeline["bucket_seconds"] == 900  # 3 hours in at most 24 buckets
     assert len(timeline["buckets"]) == 12
@@ -280,7 +283,8 @@ def test_parallel_summary_equals_the_sequential_one(tmp_path: Path, monkeypatch)
 
     read = ReadStats()
     stats = summarize([str(path)], None, workers=2, read=read)
-    assert stats.records == 3000 and read.bad == 1 and read.lines == 3001
+    # 3,000 requests and 4 checkpoints (3 by count, 1 final); with the garbage line 3,005 lines
+    assert stats.records == 3004 and read.bad == 1 and read.lines == 3005
     broken = tmp_path / "t.jsonl.1.gz"
     broken.write_bytes(gzip.compress(path.read_bytes())[:5000])
     read = ReadStats()

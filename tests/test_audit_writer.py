@@ -137,11 +137,14 @@ def test_records_chain_and_carry_the_contract_fields(tmp_path: Path) -> None:
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     lines = read_lines(path)
     recs = [json.loads(line) for line in lines]
-    assert [r["seq"] for r in recs] == [1, 2, 3, 4]
+    assert [r["seq"] for r in recs] == [1, 2, 3, 4, 5]
     assert recs[0]["prev"] == ZERO_HASH
     for before, rec in zip(lines, recs[1:], strict=False):
         assert rec["prev"] == hashlib.sha256(before).hexdigest()
-    start, deny, ok, stop = recs
+    start, deny, ok, stop, final = recs
+    # close() ends the session with its final checkpoint: the range since the last one and the head
+    assert final["event"] == "checkpoint" and final["final"] is True and final["seal"] is None
+    assert final["first"] == 1 and final["last"] == 4 and final["head"] == final["prev"]
     assert (
         start["event"] == "start" and start["export"] == "/srv/x" and start["sandbox"] == {"chroot": "/srv/x"}
     )
@@ -204,12 +207,12 @@ def test_resume_continues_seq_and_chain(tmp_path: Path) -> None:
         w.lifecycle("start")
         allow(w, p.Lstat(b"/a"))
     with open_writer(path) as w:
-        assert w.seq == 3 and not w.notes
+        assert w.seq == 4 and not w.notes  # after the first session's final checkpoint (seq 3)
         w.lifecycle("start")
     recs = records(path)
-    assert [r["seq"] for r in recs] == [1, 2, 3]
-    assert recs[2]["prev"] == hashlib.sha256(read_lines(path)[1]).hexdigest()
-    assert "audit_notes" not in recs[2]
+    assert [r["seq"] for r in recs] == [1, 2, 3, 4, 5]
+    assert recs[3]["prev"] == hashlib.sha256(read_lines(path)[2]).hexdigest()
+    assert "audit_notes" not in recs[3] and recs[4]["first"] == 4
     assert verify([str(path)]).ok
 
 
@@ -218,16 +221,17 @@ def test_resume_after_a_torn_last_line(tmp_path: Path) -> None:
     with open_writer(path) as w:
         w.lifecycle("start")
         allow(w, p.Lstat(b"/a"))
-    good = read_lines(path)
+    good = read_lines(path)[:2]  # (without the final checkpoint: as if the gateway had crashed)
+    path.write_bytes(b"".join(line + b"\n" for line in good))
     with open(path, "ab") as f:
         f.write(b'{"seq":3,"time":"2026-')  # a write cut short (power loss)
-    assert [p.kind for p in verify([str(path)]).problems] == ["truncated last line"]
+    assert [p.kind for p in verify([str(path)]).problems] == ["truncated last line", "unsealed tail"]
     with open_writer(path) as w:
         assert w.seq == 3
         assert any("torn" in note for note in w.notes)
         w.lifecycle("start")
     lines = read_lines(path)
-    assert len(lines) == 4 and lines[2] == b'{"seq":3,"time":"2026-'
+    assert len(lines) == 5 and lines[2] == b'{"seq":3,"time":"2026-'
     resumed = json.loads(lines[3])
     assert resumed["seq"] == 3 and resumed["torn"] == {"line": 3, "bytes": 22}
     assert resumed["prev"] == hashlib.sha256(good[1]).hexdigest()
@@ -249,8 +253,15 @@ def test_reopen_after_rotation_continues_the_chain(tmp_path: Path) -> None:
     allow(w, p.Lstat(b"/c"))
     w.close()
     old, new = records(tmp_path / "t.jsonl.1"), records(path)
-    assert [r["seq"] for r in old] == [1, 2, 3] and [r["seq"] for r in new] == [4, 5]
-    assert new[0]["event"] == "reopen" and new[0]["rotated"] is True and new[0]["prev"] == last_old
+    # the old file ends with a checkpoint (seq 4) written before the switch; the new one with the final
+    assert [r["seq"] for r in old] == [1, 2, 3, 4] and [r["seq"] for r in new] == [5, 6, 7]
+    assert old[-1]["event"] == "checkpoint" and old[-1]["last"] == 3 and "final" not in old[-1]
+    assert new[-1]["event"] == "checkpoint" and new[-1]["first"] == 5 and new[-1]["final"] is True
+    assert verify([str(tmp_path / "t.jsonl.1")], live=True).ok  # the old file alone: sealed, not final
+    old_lines = read_lines(tmp_path / "t.jsonl.1")
+    assert old[-1]["prev"] == last_old
+    assert new[0]["event"] == "reopen" and new[0]["rotated"] is True
+    assert new[0]["prev"] == hashlib.sha256(old_lines[-1]).hexdigest()
     # given in any order (a shell glob), the files are walked by their first seq
     assert verify([str(path), str(tmp_path / "t.jsonl.1")]).ok
     assert not verify([str(path), str(tmp_path / "t.jsonl.1")], given_order=True).ok
@@ -267,8 +278,8 @@ def test_reopen_from_a_signal_handler_waits_for_the_record_being_written(tmp_pat
     assert not path.exists()
     allow(w, p.Lstat(b"/b"))  # finishes, then reopens
     w.close()
-    assert [r["seq"] for r in records(tmp_path / "t.jsonl.1")] == [1, 2]
-    assert [r["event"] for r in records(path)] == ["reopen"]
+    assert [r["seq"] for r in records(tmp_path / "t.jsonl.1")] == [1, 2, 3]
+    assert [r["event"] for r in records(path)] == ["reopen", "checkpoint"]
     assert verify([str(tmp_path / "t.jsonl.1"), str(path)]).ok
 
 
@@ -348,7 +359,7 @@ def test_set_policy_changes_later_records(tmp_path: Path) -> None:
         w.lifecycle("policy-reload", source="/etc/gateway/p.yaml")
         allow(w, p.Lstat(b"/"))
     recs = records(tmp_path / "t.jsonl")
-    assert [r["policy"] for r in recs] == ["ab" * 8, "cd" * 8, "cd" * 8]
+    assert [r["policy"] for r in recs] == ["ab" * 8, "cd" * 8, "cd" * 8, "cd" * 8]  # and the checkpoint
     assert recs[1]["policy_sha256"] == "cd" * 32
 
 
@@ -455,7 +466,10 @@ def test_no_room_refuses_before_acting_and_writes_no_partial_line(tmp_path: Path
         w.close()
         data = path.read_bytes()
         assert data.endswith(b"\n") and len(data) == size
-        assert verify([str(path)]).ok
+        # Whole lines, the chain intact; no final checkpoint (the failed writer wrote nothing more), which
+        # --verify reports as it would a cut: the trail is not complete
+        assert [p.kind for p in verify([str(path)]).problems] == ["unsealed tail"]
+        assert verify([str(path)], live=True).ok
         assert granted >= 1  # the room reserved before the disk filled carried on serving
 
 
@@ -541,7 +555,7 @@ def test_reopen_refuses_a_symlink_planted_after_rotation(tmp_path: Path) -> None
     path.symlink_to(tmp_path / "victim")
     assert not w.reopen()  # keeps writing to the old file, and says why there
     w.close()
-    last = records(tmp_path / "t.jsonl.1")[-1]
+    last = records(tmp_path / "t.jsonl.1")[-2]  # before the final checkpoint
     assert last["event"] == "reopen" and "Too many levels of symbolic links" not in last["error"]
     assert "symlink" in last["error"] and not (tmp_path / "victim").exists()
 

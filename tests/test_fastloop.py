@@ -131,14 +131,14 @@ class Answer:
 
 def _child(
     sock: socket.socket, out: int, export: str, trail: str | None, policy: Policy, compiled: bool,
-    reloads: list[Policy], sync: str, syslog: str | None, start: bool,
+    reloads: list[Policy], sync: str, syslog: str | None, start: bool, checkpoint_seconds: float = 10.0,
 ) -> None:  # fmt: skip
     executor = Executor.for_directory(export)
     audit = None
     if trail is not None:
         audit = AuditWriter.open(
             trail, tenant=policy.tenant, policy_hash=policy.hash, sync=sync, interval=0.002,
-            syslog=syslog or False,
+            syslog=syslog or False, checkpoint_seconds=checkpoint_seconds,
         )  # fmt: skip
     server = Server(sock, executor, policy, audit)
     if reloads:
@@ -166,7 +166,7 @@ class Peer:
     def __init__(
         self, export: str, trail: str | None, policy: Policy, *, compiled: bool,
         reloads: list[Policy] | None = None, sync: str = "never", syslog: str | None = None,
-        start: bool = False,
+        start: bool = False, checkpoint_seconds: float = 10.0,
     ) -> None:  # fmt: skip
         self.compiled = compiled
         self.trail = trail
@@ -181,7 +181,8 @@ class Peer:
                         os.close(fd)
                 ours.close()
                 os.close(rd)
-                _child(theirs, wr, export, trail, policy, compiled, reloads or [], sync, syslog, start)
+                _child(theirs, wr, export, trail, policy, compiled, reloads or [], sync, syslog, start,
+                       checkpoint_seconds)
                 code = 0
             except BaseException:
                 with contextlib.suppress(BaseException):
@@ -283,9 +284,12 @@ def read_answer(
     return Answer(header + _recv_exact(sock, size))
 
 
-def records(trail: str | Path) -> list[dict[str, Any]]:
+def records(trail: str | Path, *, checkpoints: bool = False) -> list[dict[str, Any]]:
+    """The trail's records; without the writer's checkpoints unless asked (they come at close, or every
+    so many records or seconds: not one a frame)."""
     with open(trail, "rb") as f:
-        return [json.loads(line) for line in f.read().splitlines()]
+        found = [json.loads(line) for line in f.read().splitlines()]
+    return found if checkpoints else [r for r in found if r.get("event") != "checkpoint"]
 
 
 def comparable(record: dict[str, Any]) -> dict[str, Any]:
@@ -1181,13 +1185,22 @@ def _trail_handover(fs: dict[str, str], policies: dict[str, Policy], sync: str) 
             files[name] = [trail + ".1", trail]
         assert ended["compiled"].served > 2000 and ended["compiled"].handed > 400, ended["compiled"]
         assert got["compiled"] == got["pipeline"]
+        whole_a = [r for f in files["compiled"] for r in records(f, checkpoints=True)]
         trail_a = [r for f in files["compiled"] for r in records(f)]
         trail_b = [r for f in files["pipeline"] for r in records(f)]
         events = {r["event"] for r in trail_a}
         lifecycle = {"start", "policy-load", "protocol-error", "policy-reload", "reopen", "stop"}
         assert events >= {"request", *lifecycle}
-        assert [r["seq"] for r in trail_a] == list(range(1, len(trail_a) + 1))
+        assert [r["seq"] for r in whole_a] == list(range(1, len(whole_a) + 1))
         assert [comparable(r) for r in trail_a] == [comparable(r) for r in trail_b]
+        # Checkpoints on the compiled path: every 1,000 records (or 10 s) while C serves, one closing the
+        # rotated file, the final one at close; each one's head is its own prev, range up to the one before.
+        cps = [r for r in whole_a if r["event"] == "checkpoint"]
+        assert len(cps) >= 5 and cps[-1].get("final") is True and whole_a[-1] is cps[-1]
+        assert records(files["compiled"][0], checkpoints=True)[-1]["event"] == "checkpoint"
+        for cp in cps:
+            assert cp["head"] == cp["prev"] and cp["last"] == cp["seq"] - 1 and cp["seal"] is None
+        assert any(r["event"] == "request" and r["seq"] > 1000 for r in whole_a)
         for name in ("compiled", "pipeline"):
             assert_intact(*files[name])
         cli = subprocess.run(
@@ -1607,3 +1620,39 @@ def test_utime_omitting_both_times(
     s = session(filesystems, policies["allow-all"], [(frame(request, "qemu"), request.type)])
     assert (s.ended["compiled"].served, s.ended["compiled"].handed) == (0, 1), s.ended["compiled"]
     assert_alike(s)
+
+
+def test_an_idle_compiled_loop_wakes_to_write_a_due_checkpoint(
+    filesystems: dict[str, str], policies: dict[str, Policy]
+) -> None:
+    """Checkpoints every T seconds also while nothing comes: the loop waits with a receive timeout of T
+    and, woken, writes the checkpoint that has come due (the records served in C before the pause are
+    sealed without waiting for the next request or the stop); nothing is written when nothing is new."""
+    base = tempfile.mkdtemp(prefix="idle-", dir=filesystems["tmpfs"])
+    export = os.path.join(base, "export")
+    build(export, GUARD_TREE)
+    trail = os.path.join(base, "trail.jsonl")
+    try:
+        peer = Peer(export, trail, policies["allow-all"], compiled=True, start=True, checkpoint_seconds=0.3)
+        try:
+            for _ in range(5):
+                peer.call(frame(p.Lstat(b"/d/f"), "qemu"), p.RequestType.LSTAT)
+            deadline = time.monotonic() + TIMEOUT
+            while time.monotonic() < deadline and not any(
+                r["event"] == "checkpoint" for r in records(trail, checkpoints=True)
+            ):
+                time.sleep(0.05)
+            time.sleep(1.0)  # idle on: no second checkpoint, nothing new to seal
+            found = records(trail, checkpoints=True)
+            cps = [r for r in found if r["event"] == "checkpoint"]
+            assert len(cps) == 1, cps
+            assert cps[0]["last"] == found[-2]["seq"] and found[-2]["op"] == "lstat" and "final" not in cps[0]
+            peer.call(frame(p.Lstat(b"/d/f"), "qemu"), p.RequestType.LSTAT)
+        finally:
+            ended = peer.close()
+        assert ended.served >= 6, ended
+        whole = records(trail, checkpoints=True)
+        assert whole[-1]["event"] == "checkpoint" and whole[-1]["final"] is True
+        assert_intact(trail)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

@@ -620,7 +620,10 @@ def ended_cleanly(export: Path, errlog: Path, what: str) -> dict[str, object]:
         [sys.executable, "-m", "gateway", "audit", str(trail), "--verify"], capture_output=True, timeout=120
     )
     assert verify.returncode == 0, f"{what}: {verify.stdout!r} {verify.stderr!r}"
-    stop: dict[str, object] = json.loads(trail.read_bytes().rstrip(b"\n").rsplit(b"\n", 1)[-1])
+    *_, stop_line, final_line = trail.read_bytes().rstrip(b"\n").rsplit(b"\n", 2)
+    final: dict[str, object] = json.loads(final_line)
+    assert final["event"] == "checkpoint" and final["final"] is True, final  # the session's last record
+    stop: dict[str, object] = json.loads(stop_line)
     assert stop["event"] == "stop", stop
     return stop
 

@@ -82,6 +82,8 @@ def glob_regex(pattern: str) -> GlobSet:
 
 def normal_path(path: str) -> str:
     """Lexically normalised as the engine sees paths (QEMU sends //dir/file): no //, ., .., clamped at /."""
+    if path[:1] == "/" and "//" not in path and "/." not in path and path[-1:] != "/":
+        return path  # already normal (the common case: normpath would return it as it is)
     path = posixpath.normpath("/" + path)
     return "/" + path.lstrip("/") if path.startswith("//") else path
 
@@ -113,28 +115,69 @@ _RELATIVE = re.compile(
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
+_BARE_TIME = re.compile(r"(\d{1,2}):(\d{2})(?::(\d{2}))?\Z")
+_EPOCH = re.compile(r"@?(\d+(?:\.\d+)?)\Z")
+TIME_WORDS = (
+    "now", "recent", "today", "yesterday", "this-hour", "this-week", "this-month", "this-year", "boot",
+)  # fmt: skip
+
+
+def boot_time() -> datetime:
+    """When the host booted (ausearch's "boot"): btime in /proc/stat."""
+    with open("/proc/stat", "rb") as f:
+        for line in f:
+            if line.startswith(b"btime "):
+                return datetime.fromtimestamp(int(line.split()[1]), UTC)
+    raise ValueError("the boot time is unknown (no btime in /proc/stat)")
+
+
 def parse_time(text: str, now: datetime | None = None) -> datetime:
-    """RFC 3339 (a time without offset, or a bare date, is local time), now, today, yesterday,
-    this-hour, or a duration ago: 10m, 2h, 3d, 90s, 1w, "10 minutes ago". Returns an aware UTC time."""
+    """When --since / --until mean. ausearch's words: now, recent (10 minutes ago), today, yesterday,
+    this-week (since Monday), this-month, this-year, boot; also this-hour; a bare time of day (19:00,
+    19:00:30: today, local time); an epoch (1700000000, @1700000000.5); a duration ago (10m, 2h, 3d, 90s,
+    1w, "10 minutes ago"); or RFC 3339 (without an offset, or a bare date: local time).
+    Returns an aware UTC time."""
     now = (now or datetime.now(UTC)).astimezone(UTC)
-    word = text.strip().lower()
+    word = text.strip().lower().replace("_", "-").replace(" ", "-")
     local_now = now.astimezone()
     midnight = local_now.replace(hour=0, minute=0, second=0, microsecond=0)
     if word == "now":
         return now
+    if word == "recent":
+        return now - timedelta(minutes=10)
     if word == "today":
         return midnight.astimezone(UTC)
     if word == "yesterday":
         return (midnight - timedelta(days=1)).astimezone(UTC)
-    if word in ("this-hour", "this hour"):
+    if word == "this-hour":
         return local_now.replace(minute=0, second=0, microsecond=0).astimezone(UTC)
-    if _RELATIVE.match(word):
-        return now - timedelta(seconds=parse_duration(word))
+    if word == "this-week":  # ISO weeks start on Monday
+        return (midnight - timedelta(days=midnight.weekday())).astimezone(UTC)
+    if word == "this-month":
+        return midnight.replace(day=1).astimezone(UTC)
+    if word == "this-year":
+        return midnight.replace(month=1, day=1).astimezone(UTC)
+    if word == "boot":
+        return boot_time()
+    bare = _BARE_TIME.match(word)
+    if bare:
+        hour, minute, second = int(bare.group(1)), int(bare.group(2)), int(bare.group(3) or 0)
+        try:
+            return midnight.replace(hour=hour, minute=minute, second=second).astimezone(UTC)
+        except ValueError:
+            raise ValueError(f"not a time of day: {text!r}") from None
+    epoch = _EPOCH.match(word)
+    if epoch and (word.startswith("@") or len(epoch.group(1).split(".")[0]) >= 5):
+        # (a bare number of at least five digits: a year is four, and 19:00 has a colon)
+        return datetime.fromtimestamp(float(epoch.group(1)), UTC)
+    if _RELATIVE.match(text.strip().lower()):
+        return now - timedelta(seconds=parse_duration(text))
     try:
         moment = datetime.fromisoformat(text.strip().replace("z", "Z"))
     except ValueError:
         raise ValueError(
-            f"not a time: {text!r} (use RFC 3339, today, yesterday, this-hour, or 10m / 2h / 3d ago)"
+            f"not a time: {text!r} (use {', '.join(TIME_WORDS)}, a time of day (19:00), an epoch "
+            "(@1700000000), 10m / 2h / 3d ago, or RFC 3339)"
         ) from None
     if moment.tzinfo is None:
         moment = moment.astimezone()  # naive: the operator's local time
@@ -158,6 +201,36 @@ def time_key(moment: datetime) -> str:
 # The filter
 
 
+_LITERAL = re.compile(r"[A-Za-z0-9._-]+\Z")
+
+
+def _literal(pattern: str) -> bytes | None:
+    """The longest component of a path glob that can only match itself (letters, digits, . _ -), as the
+    bytes that must then be in the raw line: a path the glob matches has that component, lexical
+    normalisation never makes one up, and JSON leaves those characters as they are. None if there is
+    none (every component has a wildcard, a class or alternatives)."""
+    parts = [c for c in pattern.split("/") if _LITERAL.match(c) and c not in (".", "..")]
+    return max(parts, key=len).encode() if parts else None
+
+
+def _needle_test(needles: list[tuple[bytes, ...]]) -> Callable[[bytes], bool]:
+    """may_match for these needles as one generated expression (as fields.py generates its encoders): a
+    chain of `in` tests costs a third of all()/any() over generators, and it runs once a line."""
+    if not needles:
+        return lambda line: True
+    namespace: dict[str, Any] = {}
+    groups = []
+    for i, alternatives in enumerate(needles):
+        names = []
+        for j, needle in enumerate(alternatives):
+            namespace[f"n{i}_{j}"] = needle
+            names.append(f"n{i}_{j} in line")
+        groups.append("(" + " or ".join(names) + ")")
+    source = "def may_match(line):\n    return (" + " and ".join(groups) + ") or line[:7] != b'{\"seq\":'\n"
+    exec(source, namespace)
+    return namespace["may_match"]  # type: ignore[no-any-return]
+
+
 def _split(values: Iterable[str] | None) -> list[str]:
     return [v.strip() for value in values or () for v in value.split(",") if v.strip()]
 
@@ -177,6 +250,8 @@ class RecordFilter:
     until: str | None = None
     results: list[str] = field(default_factory=list)
     events: list[str] = field(default_factory=list)
+    failed: bool = False  # aureport's --failed: denied, would-deny, or a result other than ok
+    path_texts: list[str] = field(default_factory=list)  # the --path patterns as given
     _tests: list[Callable[[dict[str, Any]], bool]] = field(default_factory=list, repr=False)
     _needles: list[tuple[bytes, ...]] = field(default_factory=list, repr=False)
 
@@ -186,7 +261,7 @@ class RecordFilter:
         op: Iterable[str] | None = None, path: Iterable[str] | None = None, rule: Iterable[str] | None = None,
         uid: Iterable[str] | None = None, gid: Iterable[str] | None = None, since: str | None = None,
         until: str | None = None, result: Iterable[str] | None = None, event: Iterable[str] | None = None,
-        now: datetime | None = None,
+        now: datetime | None = None, failed: bool = False,
     ) -> RecordFilter:  # fmt: skip
         """From the command line's strings (each may be comma-separated); ValueError names a bad one."""
         decisions = [d.lower() for d in _split(decision)]
@@ -205,13 +280,15 @@ class RecordFilter:
             until=time_key(parse_time(until, now)) if until else None,
             results=[r.upper() if r.lower() not in ("ok", "error") else r.lower() for r in _split(result)],
             events=[e.lower() for e in _split(event)],
+            failed=failed,
+            path_texts=[p for p in (path or ()) if p],
         )
         f._compile()
         return f
 
     def __getstate__(self) -> dict[str, Any]:
         # The compiled tests are closures (not picklable); a worker process compiles its own.
-        return {k: v for k, v in self.__dict__.items() if k not in ("_tests", "_needles")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_tests", "_needles", "may_match")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state, _tests=[], _needles=[])
@@ -234,21 +311,41 @@ class RecordFilter:
             events = frozenset(self.events)
             lifecycle = "lifecycle" in events
             tests.append(lambda r: r.get("event") in events or (lifecycle and r.get("event") != "request"))
+            if not lifecycle:
+                needles.append(tuple(b'"event":' + quote(e).encode() for e in events))
         if self.ops:
             ops = self.ops
             tests.append(lambda r: op_class(r) in ops)
+            needles.append(tuple(sorted({b'"op":' + quote(o.split(":")[0]).encode() for o in ops})))
         if self.paths:
             patterns = self.paths
-            tests.append(lambda r: any(
-                isinstance(v, str) and p.matches(normal_path(v))
-                for v in (r.get("path"), r.get("path2")) for p in patterns
-            ))  # fmt: skip
+            # The request's paths and the canonical ones the rules decided on (resolved, resolved2):
+            # a search for /home/alice/** finds a request that reached it through a symlink.
+            def on_path(r: dict[str, Any]) -> bool:
+                for key in ("path", "path2", "resolved", "resolved2"):
+                    v = r.get(key)
+                    if v.__class__ is str:
+                        v = normal_path(v)
+                        for p in patterns:
+                            if p.matches(v):
+                                return True
+                return False
+
+            tests.append(on_path)
+            literals = [_literal(text) for text in self.path_texts]
+            if literals and all(literals):
+                needles.append(tuple(literals))  # type: ignore[arg-type]
         if self.rules:
             wanted = self.rules
             none = any(w.lower() in ("none", "-") for w in wanted)
             tests.append(lambda r: (r.get("rule") is None and none and "decision" in r) or any(
                 isinstance(r.get("rule"), str) and fnmatch.fnmatchcase(r["rule"], w) for w in wanted
             ))  # fmt: skip
+            if not any(set(w) & set("*?[") for w in wanted):
+                needles.append(tuple(
+                    b'"rule":null' if w.lower() in ("none", "-") else b'"rule":' + quote(w).encode()
+                    for w in wanted
+                ))  # fmt: skip
         for key, ranges in (("uid", self.uids), ("gid", self.gids)):
             if ranges:
                 tests.append(lambda r, key=key, ranges=ranges: isinstance(r.get(key), int) and any(
@@ -264,6 +361,14 @@ class RecordFilter:
             results = frozenset(self.results)
             error = "error" in results
             tests.append(lambda r: r.get("result") in results or (error and r.get("result", "ok") != "ok"))
+            if not error:
+                needles.append(tuple(b'"result":' + quote(r).encode() for r in results))
+        if self.failed:
+            tests.append(lambda r: r.get("event", "request") == "request" and (
+                r.get("decision") in ("deny", "would-deny") or r.get("result", "ok") != "ok"
+            ))  # fmt: skip
+
+        self.may_match = _needle_test(needles)  # type: ignore[method-assign]
 
     @property
     def active(self) -> bool:
@@ -272,7 +377,8 @@ class RecordFilter:
     def may_match(self, line: bytes) -> bool:
         """False only when the line cannot match: a needed key:value pair is absent from the raw bytes.
         (Inside a JSON string every quote is escaped, so '"decision":"deny"' can only be the member.)
-        Only lines in the writer's own compact shape are judged; anything else goes on to be parsed."""
+        Only lines in the writer's own compact shape are judged; anything else goes on to be parsed.
+        (_compile replaces this with a function generated for the filter's needles.)"""
         if not line.startswith(b'{"seq":'):
             return True
         return all(any(n in line for n in alternatives) for alternatives in self._needles)

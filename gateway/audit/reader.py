@@ -266,3 +266,66 @@ def follow(
             time.sleep(poll)
     finally:
         f.close()
+
+
+def _lines_backwards(path: str, block: int = 1 << 20) -> Iterator[bytes]:
+    """The file's complete lines, last first (a plain file is read backwards a block at a time: the end
+    of a large trail is reached at once; a .gz or stdin has to be read whole first)."""
+    stream, raw = open_log(path)
+    try:
+        if stream is not raw or path == "-":
+            lines = stream.read().split(b"\n")
+            if lines and lines[-1] == b"":
+                lines.pop()
+            yield from reversed(lines)
+            return
+        end = raw.seek(0, os.SEEK_END)
+        rest = b""
+        while end > 0:
+            start = max(0, end - block)
+            raw.seek(start)
+            chunk = raw.read(end - start) + rest
+            end = start
+            parts = chunk.split(b"\n")
+            rest = parts[0] if start > 0 else b""
+            body = parts[1:] if start > 0 else parts
+            for line in reversed(body):
+                if line:
+                    yield line
+        if rest:
+            yield rest
+    finally:
+        if stream is not sys.stdin.buffer:
+            stream.close()
+            raw.close()
+
+
+def iter_records_reversed(
+    paths: list[str],
+    *,
+    keep: Callable[[dict[str, Any]], bool] | None = None,
+    may_match: Callable[[bytes], bool] | None = None,
+    stats: ReadStats | None = None,
+) -> Iterator[dict[str, Any]]:
+    """iter_records, newest first: the files in reverse order, each read from its end."""
+    stats = stats if stats is not None else ReadStats()
+    loads = json.loads
+    for path in reversed(paths):
+        try:
+            for line in _lines_backwards(path):
+                stats.lines += 1
+                if may_match is not None and not may_match(line):
+                    continue
+                try:
+                    record = loads(line)
+                except ValueError:
+                    record = None
+                if not isinstance(record, dict):
+                    _bad(stats, path, 0)
+                    continue
+                if keep is None or keep(record):
+                    stats.records += 1
+                    yield record
+        except (EOFError, OSError, zlib.error) as exc:
+            kind = "truncated compressed file" if isinstance(exc, EOFError) else "unreadable file"
+            stats.errors.append(ReadError(path, 0, kind, str(exc) or kind))

@@ -41,7 +41,8 @@ class SummaryStats:
         self.tenants: dict[str, list[int]] = {}
         self.results: dict[str, int] = {}
         self.events: dict[str, int] = {}
-        self.denied_paths: dict[str, int] = {}
+        self.denied_paths: dict[str, int] = {}  # deny only: a would-deny was performed
+        self.would_paths: dict[str, int] = {}  # would-deny (enforcement: permissive)
         self.paths_approximate = False
         self.minutes: dict[str, list[int]] = {}
 
@@ -93,19 +94,28 @@ class SummaryStats:
         if result != "ok":
             result = str(result)
             self.results[result] = self.results.get(result, 0) + 1
-        if i in (1, 2):
+        if i == 1 or i == 2:
+            table = self.denied_paths if i == 1 else self.would_paths
             path = str(record.get("path", ""))
-            self.denied_paths[path] = self.denied_paths.get(path, 0) + 1
-            if len(self.denied_paths) > PATHS_MAX:
+            table[path] = table.get(path, 0) + 1
+            if len(table) > PATHS_MAX:
                 self._prune()
 
     def _prune(self) -> None:
-        keep = sorted(self.denied_paths.items(), key=lambda kv: kv[1], reverse=True)[: PATHS_MAX // 2]
-        self.denied_paths = dict(keep)
-        self.paths_approximate = True
+        for name in ("denied_paths", "would_paths"):
+            table = getattr(self, name)
+            if len(table) > PATHS_MAX:
+                keep = sorted(table.items(), key=lambda kv: kv[1], reverse=True)[: PATHS_MAX // 2]
+                setattr(self, name, dict(keep))
+                self.paths_approximate = True
 
     def top_denied(self, n: int) -> list[tuple[str, int]]:
+        """The paths most often denied (deny only)."""
         return sorted(self.denied_paths.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
+
+    def top_would_deny(self, n: int) -> list[tuple[str, int]]:
+        """The paths most often would-denied (performed under enforcement: permissive)."""
+        return sorted(self.would_paths.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
 
     def timeline(
         self, max_buckets: int = 24, step: int | None = None
@@ -150,6 +160,7 @@ class SummaryStats:
             "results": dict(sorted(self.results.items())),
             "events": dict(sorted(self.events.items())),
             "top_denied_paths": [{"path": p, "count": c} for p, c in self.top_denied(top)],
+            "top_would_deny_paths": [{"path": p, "count": c} for p, c in self.top_would_deny(top)],
             "top_denied_paths_approximate": self.paths_approximate,
             "timeline": {
                 "bucket_seconds": bucket,
@@ -188,11 +199,12 @@ def merge(into: SummaryStats, other: SummaryStats) -> None:
         (into.results, other.results),
         (into.events, other.events),
         (into.denied_paths, other.denied_paths),
+        (into.would_paths, other.would_paths),
     ):
         for key, count in small.items():
             small_into[key] = small_into.get(key, 0) + count
     into.paths_approximate |= other.paths_approximate
-    if len(into.denied_paths) > PATHS_MAX:
+    if len(into.denied_paths) > PATHS_MAX or len(into.would_paths) > PATHS_MAX:
         into._prune()
     for t in (other.first, other.last):
         if t is not None:
@@ -311,3 +323,29 @@ def _gather(results: Iterable[tuple[SummaryStats, ReadStats, int]], read: ReadSt
         if progress is not None:
             progress.update(done)
     return stats
+
+
+def write_summary_csv(stats: SummaryStats, out: Any, top: int = 10, step: int | None = None) -> None:
+    """--summary --format csv: one table, section,key,allow,deny,would-deny,other,count (count alone for
+    the sections that are not split by decision: results, events, top paths)."""
+    import csv
+
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(("section", "key", *DECISIONS, "other", "count"))
+    writer.writerow(("records", "", "", "", "", "", stats.records))
+    writer.writerow(("requests", "", *stats.decisions, stats.requests))
+    for section, table in (("op", stats.ops), ("rule", stats.rules), ("tenant", stats.tenants)):
+        for key, counts in sorted(table.items(), key=lambda kv: (-sum(kv[1]), kv[0])):
+            writer.writerow((section, key, *counts, sum(counts)))
+    for key, count in sorted(stats.results.items(), key=lambda kv: -kv[1]):
+        writer.writerow(("result", key, "", "", "", "", count))
+    for key, count in sorted(stats.events.items()):
+        writer.writerow(("event", key, "", "", "", "", count))
+    for path, count in stats.top_denied(top):
+        writer.writerow(("denied-path", path, "", count, "", "", count))
+    for path, count in stats.top_would_deny(top):
+        writer.writerow(("would-deny-path", path, "", "", count, "", count))
+    bucket, rows = stats.timeline(24, step)
+    for start, counts in rows:
+        label = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start))
+        writer.writerow((f"timeline-{bucket}s", label, *counts, sum(counts)))

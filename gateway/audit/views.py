@@ -314,21 +314,22 @@ class RichProgress(Progress):
 def render_verify(report: VerifyReport, console: Console) -> None:
     files = f"{len(report.files)} file{'s' * (len(report.files) != 1)}"
     span = f"seq {report.first_seq} to {report.last_seq}" if report.first_seq is not None else "no records"
+    cps = f"{report.checkpoints:,} checkpoint{'s' * (report.checkpoints != 1)}"
     if report.ok:
+        what = "trail intact and sealed" if report.keyed else "trail intact (chain only: seals not checked)"
         console.print(
-            Text.assemble(
-                ("✓ ", "bold green"),
-                ("trail intact", "bold green"),
-                f": {report.records:,} records in {files}, {span}",
-            )
-        )
+            Text.assemble(("✓ ", "bold green"), (what, "bold green"),
+                          f": {report.records:,} records in {files}, {span}, {cps}"),
+            soft_wrap=True,
+        )  # fmt: skip
     else:
         console.print(
             Text.assemble(
                 ("✗ ", "bold red"),
                 (f"{report.problem_count} problem{'s' * (report.problem_count != 1)}", "bold red"),
-                f" in {report.records:,} records in {files}, {span}",
-            )
+                f" in {report.records:,} records in {files}, {span}, {cps}",
+            ),
+            soft_wrap=True,
         )
         # One line a problem, file:line first (as compilers do: editors and grep take it as it is).
         for i, problem in enumerate(report.problems):
@@ -343,11 +344,18 @@ def render_verify(report: VerifyReport, console: Console) -> None:
             console.print(line, soft_wrap=True)
         if report.problem_count > len(report.problems):
             console.print(f"… and {report.problem_count - len(report.problems)} more")
+    if report.keyed:
+        through = f"through seq {report.sealed_through}" if report.sealed_through is not None else "nothing"
+        console.print(Text(f"seals: {report.seals_valid:,} of {report.checkpoints:,} valid; sealed {through}",
+                           style="dim"), soft_wrap=True)  # fmt: skip
     for note in report.notes:
-        console.print(Text("note: " + safe(note), style="dim"))
+        console.print(Text("note: " + safe(note), style="dim"), soft_wrap=True)
+    for doubt in report.cannot_rule_out:
+        console.print(Text("cannot rule out: " + safe(doubt), style="yellow"), soft_wrap=True)
     if report.last_hash:
         console.print(
-            Text(f"last hash {report.last_hash} (seq {report.last_seq})", style="dim"), soft_wrap=True
+            Text(f"last {report.last_seq}:{report.last_hash} (for --expect-last)", style="dim"),
+            soft_wrap=True,
         )
 
 
@@ -440,9 +448,16 @@ def render_summary(
             events.add_row(safe(name), f"{count:,}")
         tables.append(events)
     console.print(Columns(tables, padding=(1, 4)))
-    denied = stats.top_denied(top)
+    for title, rows, style in (
+        ("Top denied paths", stats.top_denied(top), "red"),
+        ("Top would-deny paths (performed: enforcement permissive)", stats.top_would_deny(top), "yellow"),
+    ):
+        _top_paths(console, title + (" (approximate)" if stats.paths_approximate else ""), rows, style)
+    render_timeline(stats, console, max_buckets=max_buckets, step=step)
+
+
+def _top_paths(console: Console, title: str, denied: list[tuple[str, int]], style: str) -> None:
     if denied:
-        title = "Top denied paths" + (" (approximate)" if stats.paths_approximate else "")
         table = Table(
             title=title,
             title_justify="left",
@@ -452,13 +467,12 @@ def render_summary(
             header_style="dim",
             min_width=len(title),
         )
-        table.add_column("denials", justify="right", style="red")
+        table.add_column("count", justify="right", style=style)
         table.add_column("path", overflow="fold")
         for path, count in denied:
             table.add_row(f"{count:,}", safe(path))
         console.print()
         console.print(table)
-    render_timeline(stats, console, max_buckets=max_buckets, step=step)
 
 
 def render_timeline(stats: Any, console: Console, *, max_buckets: int = 24, step: int | None = None) -> None:
@@ -471,7 +485,7 @@ def render_timeline(stats: Any, console: Console, *, max_buckets: int = 24, step
     else:
         size = f"{bucket // 3600}h" if bucket >= 3600 else f"{bucket // 60}m"
     peak = max(sum(c[:3]) for _, c in rows) or 1
-    width = max(10, console.width - 36)
+    width = max(10, console.width - 48)
     table = Table(
         title=f"Timeline (UTC, {size} buckets)",
         title_justify="left",
@@ -483,14 +497,16 @@ def render_timeline(stats: Any, console: Console, *, max_buckets: int = 24, step
     table.add_column("", style="dim", no_wrap=True)
     table.add_column("", no_wrap=True, width=width)
     table.add_column("allow", justify="right", style="green", no_wrap=True)
-    table.add_column("denied", justify="right", style="red", no_wrap=True)
+    table.add_column("deny", justify="right", style="red", no_wrap=True)
+    table.add_column("would-deny", justify="right", style="yellow", no_wrap=True)
     for start, counts in rows:
         label = datetime.fromtimestamp(start, UTC).strftime(label_format)
         table.add_row(
             label,
             _bar(counts, width / peak, width),
             f"{counts[0]:,}" if counts[0] else "",
-            f"{counts[1] + counts[2]:,}" if counts[1] + counts[2] else "",
+            f"{counts[1]:,}" if counts[1] else "",
+            f"{counts[2]:,}" if counts[2] else "",
         )
     console.print()
     console.print(table)

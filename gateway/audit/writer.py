@@ -72,6 +72,7 @@ from json.encoder import encode_basestring_ascii as quote  # type: ignore[attr-d
 from typing import Any
 
 from gateway.audit.fields import FIELD_ORDER, FIELD_SPECS, request_fragment, text
+from gateway.audit.seal import SealKey
 from gateway.audit.syslog import DEFAULT_ADDRESS, SyslogSink
 from gateway.logfmt import kv
 
@@ -94,6 +95,15 @@ _CHAIN_KEYS = frozenset(
 )
 _REQUEST_KEYS = _CHAIN_KEYS | set(FIELD_ORDER) | {"decision", "rule", "reason", "result", "us"}
 _TAIL_LIMIT = 16 << 20  # a "last line" longer than this is not a record: treat it as torn
+_monotonic = time.monotonic
+
+# Checkpoints (see checkpoint()): one every CHECKPOINT_EVERY records or CHECKPOINT_SECONDS seconds,
+# whichever comes first, checked as each record is written; one before a rotation and one, final, at
+# close. A thousand records is ~300 KB of trail and one extra ~450-byte line (0.15%); ten seconds
+# bounds how long a quiet gateway's last records stay unsealed while records still come.
+CHECKPOINT_EVERY = 1000
+CHECKPOINT_SECONDS = 10.0
+_NEVER = float("inf")
 
 # Room past the end of the file (see the module's docstring). A top-up allocates what is needed plus
 # RESERVE_AHEAD, so that fallocate runs about once every thousand records, not once a record.
@@ -234,8 +244,9 @@ class AuditWriter:
     """Use :meth:`open`. Not thread-safe (the server is single-threaded on purpose)."""
 
     __slots__ = (
-        "_busy", "_console", "_dirfd", "_failed", "_fd", "_first_extra", "_head", "_last_sync",
-        "_policy_full", "_prev", "_reopen_pending", "_reserved_end", "_seq", "_size", "_sync", "_syslog",
+        "_busy", "_console", "_cp_due_mono", "_cp_due_seq", "_cp_every", "_cp_first", "_cp_seconds",
+        "_dirfd", "_failed", "_fd", "_first_extra", "_head", "_last_sync", "_opened_seq", "_policy_full",
+        "_prev", "_reopen_pending", "_reserved_end", "_seal", "_seq", "_size", "_sync", "_syslog",
         "_tprefix", "_tsec", "console_dropped", "interval", "name", "notes", "path", "tenant",
     )  # fmt: skip
 
@@ -266,6 +277,14 @@ class AuditWriter:
         # a record is written only when _size + its length fits under _reserved_end.
         self._size = 0
         self._reserved_end = _UNLIMITED
+        # Checkpoints: the first seq the next one covers, and when it is due (seq reached, or time).
+        self._seal: SealKey | None = None
+        self._cp_every = CHECKPOINT_EVERY
+        self._cp_seconds = CHECKPOINT_SECONDS
+        self._cp_first = 1
+        self._cp_due_seq = 1 + CHECKPOINT_EVERY
+        self._cp_due_mono = _NEVER
+        self._opened_seq = 1
 
     # -----------------------------------------------------------------------------------------------------
     # Opening and resuming
@@ -282,14 +301,22 @@ class AuditWriter:
         syslog: bool | str = False,
         console: int | None = None,
         channel: str | None = None,
+        seal: SealKey | None = None,
+        checkpoint_every: int = CHECKPOINT_EVERY,
+        checkpoint_seconds: float = CHECKPOINT_SECONDS,
     ) -> AuditWriter:
         """Open (or resume) the trail at path; None means default_audit_path(tenant, channel), never
         nowhere.
 
         syslog: True for /dev/log, or a socket path. console: a pipe fd (console.start_console_renderer);
-        the writer owns it from now on and closes it in close(). Raises AuditError when the trail
-        cannot be opened or another process holds it.
+        the writer owns it from now on and closes it in close(). seal: the sealing key (seal.SealKey,
+        opened before any confinement); the writer owns it too. Without one, checkpoints are written
+        unsealed. checkpoint_every / checkpoint_seconds: 0 for never by count / by time (a checkpoint
+        is still written before a rotation and at close). Raises AuditError when the trail cannot be
+        opened or another process holds it.
         """
+        if checkpoint_every < 0 or checkpoint_seconds < 0:
+            raise ValueError("checkpoint_every and checkpoint_seconds must not be negative")
         if sync not in SYNC_MODES:
             raise ValueError(f"sync must be one of {', '.join(SYNC_MODES)}, not {sync!r}")
         if not interval > 0:
@@ -308,6 +335,9 @@ class AuditWriter:
             os.close(dirfd)
             raise
         writer = cls(path, dirfd, fd, tenant, sync, interval)
+        writer._seal = seal
+        writer._cp_every = checkpoint_every
+        writer._cp_seconds = checkpoint_seconds
         try:
             writer._resume()
         except AuditError:
@@ -325,6 +355,10 @@ class AuditWriter:
             except OSError as exc:
                 writer.notes.append(f"syslog: {address} unavailable ({exc.strerror or exc}); not sent there")
         writer._console = console
+        writer._opened_seq = writer._seq
+        if writer._cp_first > writer._seq:
+            writer._cp_first = writer._seq
+        writer._schedule_checkpoint()
         return writer
 
     def _resume(self) -> None:
@@ -347,9 +381,13 @@ class AuditWriter:
         if last is not None:
             self._prev = hashlib.sha256(last).hexdigest()
             try:
-                self._seq = int(json.loads(last)["seq"]) + 1
+                record = json.loads(last)
+                self._seq = int(record["seq"]) + 1
             except (ValueError, KeyError, TypeError):
                 self.notes.append("the last complete line is not a record: seq restarts at 1")
+            else:
+                self._resume_checkpoint(record)
+            self._cp_first = self._seq
         if torn:
             # Terminate the fragment so that it stays a line of its own (nothing is ever removed from a
             # trail), and continue the chain from the last complete line. The first record says so, and
@@ -360,6 +398,20 @@ class AuditWriter:
                 f"resumed after a torn last line ({self.name}:{lines + 1}, {torn} bytes); "
                 "the chain continues from the line before it"
             )
+
+    def _resume_checkpoint(self, last: dict[str, Any]) -> None:
+        """The trail ended with a checkpoint sealed at epoch e while the key file is not past e: the
+        previous run stopped between writing the checkpoint and evolving its key. Evolve now, so that
+        no epoch is used twice when it need not be."""
+        seal = self._seal
+        if seal is None or last.get("event") != "checkpoint" or last.get("key_id") != seal.key_id:
+            return
+        epoch = last.get("epoch")
+        if isinstance(epoch, int) and epoch >= seal.epoch:
+            try:
+                seal.advance(epoch + 1)
+            except OSError as exc:
+                raise AuditError(exc.errno, f"cannot evolve the sealing key {seal.path}: {exc}") from None
 
     # -----------------------------------------------------------------------------------------------------
     # Reserving room (see the module's docstring)
@@ -515,6 +567,8 @@ class AuditWriter:
                 self._seq += 1
                 if self._sync != "never":
                     self._sync_now(self._sync == "every")
+            if self._seq >= self._cp_due_seq or _monotonic() >= self._cp_due_mono:
+                self._checkpoint(False)
         finally:
             self._busy = False
         if self._reopen_pending:
@@ -528,7 +582,7 @@ class AuditWriter:
         Never raises for the trail's failure (a stop record on a full disk must not end the gateway
         in a traceback): logs it, latches (see TrailFailed) and returns False. True once written.
         """
-        if not _EVENT_NAME.match(event) or event == "request":
+        if not _EVENT_NAME.match(event) or event in ("request", "checkpoint"):
             raise ValueError(f"not a lifecycle event name: {event!r}")
         if event in _FULL_POLICY_EVENTS and len(self._policy_full) > POLICY_SHORT:
             fields.setdefault("policy_sha256", self._policy_full)
@@ -546,6 +600,9 @@ class AuditWriter:
             body = f'{{"seq":{self._seq},"time":"{now}"{self._head},"event":{quote(event)}'
             self._emit(body + _members(fields, _CHAIN_KEYS) + extra, now, event, None, None, None, 0)
             written = True
+            # (not after stop: close() follows with the final checkpoint, which covers it)
+            if event != "stop" and (self._seq >= self._cp_due_seq or _monotonic() >= self._cp_due_mono):
+                self._checkpoint(False)
         except OSError as exc:
             self._fail(exc.strerror or str(exc))
             log.error("audit record not written %s", kv(event=event, error=exc.strerror or str(exc)))
@@ -585,8 +642,88 @@ class AuditWriter:
                 time=now, event=event, seq=seq, tenant=self.tenant, decision=decision, op=op, rule=rule,
                 message=line,
             )  # fmt: skip
-        if self._console is not None:
+        if self._console is not None and event != "checkpoint":  # (the console shows decisions)
             self._to_console(line)
+
+    # -----------------------------------------------------------------------------------------------------
+    # Checkpoints
+
+    def _schedule_checkpoint(self) -> None:
+        self._cp_due_seq = self._cp_first + self._cp_every if self._cp_every else sys.maxsize
+        self._cp_due_mono = _monotonic() + self._cp_seconds if self._cp_seconds else _NEVER
+
+    def checkpoint(self, final: bool = False) -> bool:
+        """Write a checkpoint now (the writer does so by itself: every checkpoint_every records or
+        checkpoint_seconds, before a rotation, and final at close). Never raises for the trail's
+        failure: logs, latches and returns False, as lifecycle() does."""
+        if self._fd < 0:
+            return False
+        self._busy = True
+        try:
+            return self._checkpoint(final)
+        finally:
+            self._busy = False
+
+    def _checkpoint(self, final: bool) -> bool:
+        """One checkpoint record: the seq range since the previous one (first..last), the chain head
+        (the hash of the line before it, which is also its prev), whether it is the session's last
+        (final), and the seal over them with the key of the current epoch, which is then evolved.
+
+        Unsealed (seal null, no epoch) without a key: the range and head still let a copy kept
+        elsewhere (syslog) show where the trail was cut, but anyone who can write the file can forge
+        them."""
+        last = self._seq - 1
+        record: dict[str, Any] = {"first": min(self._cp_first, self._seq), "last": last, "head": self._prev}
+        if final:
+            record["final"] = True
+        seal = self._seal
+        if seal is not None:
+            record["key_id"] = seal.key_id
+            record["epoch"] = seal.epoch
+            record["seq"] = self._seq
+            record["seal"] = seal.seal(record)
+            del record["seq"]
+        else:
+            record["seal"] = None
+        try:
+            now = self._now()
+            body = f'{{"seq":{self._seq},"time":"{now}"{self._head},"event":"checkpoint"'
+            self._emit(body + _members(record, _CHAIN_KEYS), now, "checkpoint", None, None, None, 0)
+        except OSError as exc:
+            self._fail(exc.strerror or str(exc))
+            log.error("audit checkpoint not written: %s", exc.strerror or exc)
+            return False
+        finally:
+            self._cp_first = self._seq
+            self._schedule_checkpoint()
+        if seal is not None:
+            try:
+                seal.advance()  # k[i] is forgotten only once k[i+1] is on disk
+            except OSError as exc:
+                # Sealing on with a key that is still on disk would promise what it cannot: stop, say so.
+                self._seal = None
+                seal.close()
+                self.notes.append(f"sealing stopped: cannot evolve the key in {seal.path} ({exc})")
+                log.error("audit: sealing stopped: cannot evolve the key in %s (%s)", seal.path, exc)
+        return True
+
+    def checkpoint_if_due(self) -> bool:
+        """For an idle loop: the time-based checkpoint, if records were written since the last one and
+        checkpoint_seconds have passed (a quiet gateway's last records are then sealed without waiting
+        for its next record). True if one was written."""
+        if self._fd < 0 or self._failed is not None or self._seq <= self._cp_first:
+            return False
+        if _monotonic() < self._cp_due_mono:
+            return False
+        return self.checkpoint(False)
+
+    @property
+    def checkpoint_seconds(self) -> float:
+        return self._cp_seconds
+
+    @property
+    def sealed(self) -> bool:
+        return self._seal is not None
 
     def _sync_now(self, always: bool) -> None:
         mono = time.monotonic()
@@ -661,6 +798,15 @@ class AuditWriter:
             return False
         old = self._fd
         rotated = not os.path.samestat(os.fstat(old), os.fstat(fd))
+        if rotated and self._seq > self._cp_first:
+            self._busy = True
+            try:
+                self._checkpoint(False)  # the old file ends sealed, so it verifies on its own
+            finally:
+                self._busy = False
+            if self._failed is not None:
+                os.close(fd)
+                return False
         if self._sync != "never":
             with contextlib.suppress(OSError):
                 os.fdatasync(old)
@@ -710,6 +856,12 @@ class AuditWriter:
     def close(self) -> None:
         if self._fd < 0:
             return
+        if self._failed is None and self._seq > self._opened_seq:
+            # The session's last record: a trail that does not end with one was cut (or is live).
+            self.checkpoint(final=True)
+        if self._seal is not None:
+            self._seal.close()
+            self._seal = None
         if self._sync != "never":
             with contextlib.suppress(OSError):
                 os.fdatasync(self._fd)
