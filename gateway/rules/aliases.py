@@ -73,15 +73,29 @@ class AliasNode:
         return tuple(found.values())
 
 
+# The slots whose alias tries alias_decision reads: the aliasing ops themselves, and the reads whose
+# unconditional denies a rename or link must not route around. No other slot's is ever asked for.
+SLOTS = frozenset({int(RT.SYMLINK), int(RT.RENAME), int(RT.LINK), int(RT.LSTAT), model.OPEN_READ})
+
+
 def build(views: list[tuple[int, Any]]) -> dict[int, AliasNode]:
-    """Alias tries per slot from (slot, view) pairs of deny rules that have ``paths``."""
-    roots: dict[int, AliasNode] = {}
+    """Alias tries per slot from (slot, view) pairs of deny rules that have ``paths`` (slots in SLOTS);
+    slots with the same views share one trie."""
+    per_slot: dict[int, list[Any]] = {}
     for slot, view in views:
-        root = roots.setdefault(slot, AliasNode())
-        for place in view.rule.paths.placements:
-            root.insert(view, place)
-    for root in roots.values():
-        root.freeze()
+        per_slot.setdefault(slot, []).append(view)
+    shared: dict[tuple[int, ...], AliasNode] = {}
+    roots: dict[int, AliasNode] = {}
+    for slot, here in per_slot.items():
+        sig = tuple(id(v) for v in here)
+        root = shared.get(sig)
+        if root is None:
+            root = shared[sig] = AliasNode()
+            for view in here:
+                for place in view.rule.paths.placements:
+                    root.insert(view, place)
+            root.freeze()
+        roots[slot] = root
     return roots
 
 

@@ -25,7 +25,7 @@ import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from gateway.rules.matcher import NEVER, Matcher, MatchError, literal, union
+from gateway.rules.matcher import NEVER, AnyOf, Matcher, MatchError, literal, union
 
 SPECIAL = frozenset("*?[{\\")
 MAX_ALTERNATIVES = 256  # a brace bomb in a policy must not become a 10^6-way regex
@@ -332,7 +332,7 @@ def placement(pattern: str) -> Placement:
     return Placement(tuple(prefix), "exact", pattern, regex, reach)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class GlobSet:
     """A list of patterns as written, compiled to one RE2 matcher and to index placements.
 
@@ -341,9 +341,9 @@ class GlobSet:
 
     patterns: tuple[str, ...]
     placements: tuple[Placement, ...] = field(repr=False)
-    fullmatch: Callable[[str], object] = field(repr=False, compare=False)  # the combined matcher's
+    full: Matcher | AnyOf = field(repr=False, compare=False)  # the combined matcher
     owners: tuple[int, ...] = field(repr=False, compare=False)  # placement index -> index of its pattern
-    reach: Callable[[str], object] = field(repr=False, compare=False)  # prefixes of any pattern's matches
+    reach: Matcher | AnyOf = field(repr=False, compare=False)  # prefixes of any pattern's matches
 
     @classmethod
     def compile(cls, patterns: Iterable[str]) -> GlobSet:
@@ -356,7 +356,11 @@ class GlobSet:
                 owners.append(idx)
         full = union([p.regex for p in places])
         reach = union([p.reach for p in places])
-        return cls(pats, tuple(places), full.fullmatch, tuple(owners), reach.fullmatch)
+        return cls(pats, tuple(places), full, tuple(owners), reach)
+
+    @property
+    def fullmatch(self) -> Callable[[str], object]:
+        return self.full.fullmatch
 
     def matches(self, text: str) -> bool:
         return self.fullmatch(text) is not None
@@ -368,7 +372,7 @@ class GlobSet:
         at ``path/...``, so a deny on ``**/.git/hooks/**`` reaches ``/cache/repo/.git`` (and
         ``/cache/repo``). Linear in the path, like ``matches``.
         """
-        return self.fullmatch(path) is not None or self.reach(_below(path)) is not None
+        return self.full.fullmatch(path) is not None or self.reach.fullmatch(_below(path)) is not None
 
     def index_entries(self) -> list[tuple[tuple[str, ...], str, Callable[[str], object] | None]]:
         """(trie prefix, kind, matcher or None) per node: the placements at one node, one entry.

@@ -518,8 +518,12 @@ def _globs(values: list[str] | None) -> GlobSet | None:
     return None if values is None else GlobSet.compile(values)
 
 
+_NO_CONDITIONS = Conditions()  # one for every rule without a `when` (frozen: safely shared)
+
+
 def _conditions(d: dict[str, Any] | None) -> Conditions:
-    d = d or {}
+    if not d:
+        return _NO_CONDITIONS
     obj = d.get("object")
     return Conditions(
         uid=_ids(d.get("uid")),
