@@ -1,0 +1,81 @@
+"""Policies at fleet scale: the quick paths of loading and compiling give exactly what the slow ones gave.
+
+Nothing here times anything. The schema's quick rule check must accept only what Cerberus accepts, and
+normalise it as Cerberus does; the compiled form must stay small (views, indexes and RE2 programs a
+10,000-rule policy builds, counted).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gateway.rules import schema
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+import policy_gen  # noqa: E402
+
+_WORDS = st.sampled_from([
+    "a", "", "x y", "read", "write", "all", "CREATE", "wirte", "open", "allow", "deny", "EROFS", "EACCES",
+    "eacces", "ENOPE", "always", "never", "/home/**", "/a/{b,c}/*.key", "/a/[", "**/.git/**", "r-1", "r.1:x",
+    "-bad", "id\n", "/etc/passwd", "/{a,b", "\\", "permissive",
+])
+_SCALARS = st.one_of(_WORDS, st.integers(-2, 5000), st.booleans(), st.none(), st.floats(allow_nan=False))
+_VALUES = st.one_of(_SCALARS, st.lists(_SCALARS, max_size=3), st.dictionaries(_WORDS, _SCALARS, max_size=2))
+_KEYS = st.sampled_from(["id", "effect", "ops", "paths", "except", "errno", "enforce", "description",
+                         "when", "pathz", "unless"])
+_RULES = st.one_of(
+    st.dictionaries(_KEYS, _VALUES, max_size=8),
+    st.fixed_dictionaries(
+        {"id": _WORDS, "effect": _WORDS, "ops": st.one_of(_WORDS, st.lists(_WORDS, max_size=3))},
+        optional={"paths": st.one_of(_WORDS, st.lists(_WORDS, max_size=3)),
+                  "except": st.lists(_WORDS, max_size=2), "errno": st.one_of(_WORDS, st.integers(-1, 5000)),
+                  "enforce": _WORDS, "description": st.one_of(_WORDS, st.integers())},
+    ),
+    _SCALARS,
+)
+
+
+def _cerberus(rule: Any) -> tuple[bool, Any]:
+    v = schema.PolicyValidator({"rule": schema.RULE})
+    ok = v.validate({"rule": rule})
+    return ok, v.document.get("rule") if ok else None
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_RULES)
+def test_the_quick_rule_check_accepts_only_what_cerberus_accepts_and_normalises_alike(rule: Any) -> None:
+    quick = schema._quick_rule(rule)
+    ok, normalised = _cerberus(rule)
+    if quick is not None:
+        assert ok, rule
+        assert quick == normalised
+
+
+def test_the_quick_check_takes_every_rule_of_a_generated_policy() -> None:
+    import yaml
+
+    doc = yaml.safe_load(policy_gen.path_policy(200))
+    assert all(schema._quick_rule(r) is not None for r in doc["rules"])
+
+
+def test_a_rule_cerberus_words_keeps_its_place_in_the_document() -> None:
+    from gateway.rules import PolicyError, load_policy_text
+
+    text = policy_gen.path_policy(50).replace("    ops: [write]\n    paths: ['/srv/ro3/**']",
+                                              "    ops: [wirte]\n    paths: ['/srv/ro3/**']\n    pathz: 1")
+    try:
+        load_policy_text(text, "p.yaml")
+    except PolicyError as err:
+        lines = str(err).splitlines()
+    else:
+        raise AssertionError("an invalid policy loaded")
+    line = text.splitlines().index("    ops: [wirte]") + 1
+    assert f"p.yaml:{line}: rules[16].ops: unknown op 'wirte' (did you mean 'write'?)" in lines
+    assert any(s.startswith(f"p.yaml:{line + 2}: rules[16]: unknown field 'pathz'") for s in lines), lines
