@@ -494,6 +494,17 @@ def compile_rules(rules: tuple[Rule, ...], default: str, enforcement: str) -> Co
             (builder.key(prefix), kind == "exact", match)
             for prefix, kind, match in rule.paths.index_entries()
         ]
+        prio = ranks[rule.id]
+        if not rule.when.given() and rule.unless is None:
+            # No condition reads the request: one view, the same at every slot (the common case).
+            view = View(rule, prio, [], None, when_obj, [], solo)
+            item = (view, [(k, exact, (view, m)) for k, exact, m in spots])
+            for slot in rule.slots:
+                per_slot.setdefault(slot, []).append(item)
+            if rule.deny and rule.paths is not None:
+                alias_views += [(slot, view) for slot in sorted(rule.slots & aliases.SLOTS)]
+            views.add(rule.id, dict.fromkeys(rule.slots, view), rule.slots)
+            continue
         by_key: dict[Any, View | None] = {}
         placed: dict[int, list[tuple[str, bool, tuple[View, Any]]]] = {}  # id(view) -> its placements
         live: dict[int, View] = {}
@@ -502,7 +513,7 @@ def compile_rules(rules: tuple[Rule, ...], default: str, enforcement: str) -> Co
             if key in by_key:
                 view = by_key[key]
             else:
-                view = by_key[key] = _view(rule, slot, ranks[rule.id], when_obj, unless_obj, solo)
+                view = by_key[key] = _view(rule, slot, prio, when_obj, unless_obj, solo)
             if view is None:
                 continue
             live[slot] = view

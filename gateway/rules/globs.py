@@ -284,21 +284,22 @@ class Placement:
 # RE2 programs by source, while a policy loads (see compile_cache): the schema compiles each pattern to
 # check it, and the rule built from it needs the same programs again.
 _compiled: dict[str, Matcher] | None = None
+_placed: dict[str, Placement] | None = None  # likewise, whole placements by brace-free pattern
 
 
 @contextlib.contextmanager
 def compile_cache() -> Iterator[None]:
     """Within this block, a glob's RE2 programs are compiled once (they are immutable, so shared); the
     cache goes when the outermost block ends, so nothing outlives the load that built it."""
-    global _compiled
+    global _compiled, _placed
     outer = _compiled is not None
     if not outer:
-        _compiled = {}
+        _compiled, _placed = {}, {}
     try:
         yield
     finally:
         if not outer:
-            _compiled = None
+            _compiled = _placed = None
 
 
 def _matcher(source: str) -> Matcher:
@@ -315,6 +316,16 @@ def _matcher(source: str) -> Matcher:
 
 
 def placement(pattern: str) -> Placement:
+    cache = _placed
+    if cache is not None and (hit := cache.get(pattern)) is not None:
+        return hit
+    place = _placement(pattern)
+    if cache is not None:
+        cache[pattern] = place
+    return place
+
+
+def _placement(pattern: str) -> Placement:
     toks = tokens(pattern)
     regex = _matcher("".join(src for _, src in toks))
     reach = _matcher(prefix_source(toks))
