@@ -395,15 +395,15 @@ def _quick_rule(rule: Any) -> dict[str, Any] | None:
         return None
     if any(type(op) is not str or model.op_slots(op) is None for op in ops):
         return None
-    out = dict(rule)
-    out["ops"] = ops
+    listified = {"ops": ops} if ops is not rule["ops"] else {}
     for key in ("paths", "except"):
         if key in rule:
             pats = _listify(rule[key])
             if pats is None or any(type(p) is not str or not p or globs.check_pattern(p) is not None
                                    for p in pats):
                 return None
-            out[key] = pats
+            if pats is not rule[key]:
+                listified[key] = pats
     if "description" in rule and type(rule["description"]) is not str:
         return None
     if "enforce" in rule and rule["enforce"] != "always":
@@ -420,7 +420,7 @@ def _quick_rule(rule: Any) -> dict[str, Any] | None:
                 return None
         else:
             return None
-    return out
+    return {**rule, **listified} if listified else rule  # unchanged: the very dict (no copy of 10,000)
 
 
 def validate(data: Any, lines: dict[tuple[Any, ...], int], source: str) -> tuple[list[model.Problem], Any]:
