@@ -457,9 +457,12 @@ def validate(data: Any, lines: dict[tuple[Any, ...], int], source: str) -> tuple
         # already quoted in the message ("rules[0]: unknown field 'pathz'").
         field_path = path[:-1] if err.code == errors.UNKNOWN_FIELD.code else path
         problems.append(model.Problem(source, line_of(path, lines), format_field(field_path, data), message))
-    if problems:
-        return problems, data
-    doc = dict(validator.document)
-    if normalised is not None:
+    doc = dict(validator.document) if not problems else data
+    if normalised is not None and not problems:
         doc["rules"] = normalised
+    # Cerberus's validators hold each other in cycles, and the document with them; the loader runs with
+    # the collector paused, so they would keep the whole parse alive until it ends.
+    for v in (validator, one if type(rules) is list else None):
+        if v is not None:
+            v.__dict__.clear()
     return problems, doc
