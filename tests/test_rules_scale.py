@@ -79,3 +79,27 @@ def test_a_rule_cerberus_words_keeps_its_place_in_the_document() -> None:
     line = text.splitlines().index("    ops: [wirte]") + 1
     assert f"p.yaml:{line}: rules[16].ops: unknown op 'wirte' (did you mean 'write'?)" in lines
     assert any(s.startswith(f"p.yaml:{line + 2}: rules[16]: unknown field 'pathz'") for s in lines), lines
+
+
+_GLOB_CHARS = st.sampled_from([*"ab/*?[]{},\\!^-.", "**", "/**", "[a-c]", "[!/]", "{x,y}"])
+
+
+def _reference_check(pattern: str) -> str | None:
+    """check_pattern as it was: every brace walked, every alternative tokenised."""
+    from gateway.rules import globs
+
+    try:
+        globs._find_brace(pattern)
+        for alt in globs.expand_braces(pattern):
+            globs.tokens(alt)
+    except globs.GlobError as err:
+        return str(err)
+    return None
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(_GLOB_CHARS, max_size=10).map("".join))
+def test_the_quick_glob_checks_refuse_exactly_what_the_full_walk_refuses(pattern: str) -> None:
+    from gateway.rules import globs
+
+    assert globs.check_pattern(pattern) == _reference_check(pattern)

@@ -105,6 +105,8 @@ def _find_brace(pattern: str) -> tuple[int, int, list[str]] | None:
 
 def expand_braces(pattern: str) -> list[str]:
     """All brace-free alternatives of a pattern, in order, without duplicates."""
+    if "{" not in pattern and "}" not in pattern and "[" not in pattern:
+        return [pattern]  # what _find_brace would say, without its walk (it raises only on [ and })
     found = _find_brace(pattern)
     if found is None:
         return [pattern]
@@ -368,7 +370,9 @@ def placement(pattern: str) -> Placement:
 
 
 def _placement(pattern: str) -> Placement:
-    tokens(pattern)  # raises GlobError for a pattern that cannot be compiled, now rather than at first use
+    if "[" in pattern or pattern.endswith("\\"):
+        # tokens() raises GlobError only for a class or a trailing backslash: now, not at first use
+        tokens(pattern)
     if not pattern.startswith("/"):
         return Placement((), "glob", pattern)
     parts = pattern[1:].split("/") if pattern != "/" else []
