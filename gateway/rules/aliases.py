@@ -68,6 +68,7 @@ class AliasNode:
             for v in kid.freeze():
                 found[id(v)] = v
         self.below = tuple(found.values())
+        self.here = tuple(self.here)  # type: ignore[assignment]
         for v, _place, _tail in self.here:
             found[id(v)] = v
         return tuple(found.values())

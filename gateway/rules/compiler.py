@@ -325,8 +325,9 @@ class _IndexBuilder:
 
     def __init__(self) -> None:
         self.keys: dict[str, str] = {"": ""}
-        self.tuples: dict[tuple[int, ...], tuple[tuple[View, Any], ...]] = {}
-        self.records: dict[tuple[int, int], Record] = {}
+        # Keyed by themselves: a tuple's hash and == go to its items, and views compare by identity.
+        self.tuples: dict[tuple[tuple[View, Any], ...], tuple[tuple[View, Any], ...]] = {}
+        self.records: dict[Record, Record] = {}
 
     def key(self, prefix: tuple[str, ...]) -> str:
         k = node_key(prefix)
@@ -335,11 +336,8 @@ class _IndexBuilder:
     def _shared(self, items: list[tuple[View, Any]]) -> tuple[tuple[View, Any], ...]:
         if not items:
             return ()
-        ident = tuple(id(i) for i in items)
-        found = self.tuples.get(ident)
-        if found is None:
-            found = self.tuples[ident] = tuple(items)
-        return found
+        t = tuple(items)
+        return self.tuples.setdefault(t, t)
 
     def build(self, placed: list[tuple[View, list[tuple[str, bool, tuple[View, Any]]]]]) -> Index:
         """An Index from (view, [(node key, exact, entry)]) in rule order."""
@@ -366,11 +364,8 @@ class _IndexBuilder:
             if not here and not ex:
                 index[key] = _NO_RECORD
                 continue
-            ident = (id(here), id(ex))
-            rec = self.records.get(ident)
-            if rec is None:
-                rec = self.records[ident] = (here, ex)
-            index[key] = rec
+            rec = (here, ex)
+            index[key] = self.records.setdefault(rec, rec)
         return index
 
 

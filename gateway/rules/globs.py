@@ -329,21 +329,22 @@ class Placement:
 # check it, and the rule built from it needs the same programs again.
 _compiled: dict[str, Matcher] | None = None
 _placed: dict[str, Placement] | None = None  # likewise, whole placements by brace-free pattern
+_components: dict[str, str] | None = None  # and the literal components of their prefixes
 
 
 @contextlib.contextmanager
 def compile_cache() -> Iterator[None]:
     """Within this block, a glob's RE2 programs are compiled once (they are immutable, so shared); the
     cache goes when the outermost block ends, so nothing outlives the load that built it."""
-    global _compiled, _placed
+    global _compiled, _placed, _components
     outer = _compiled is not None
     if not outer:
-        _compiled, _placed = {}, {}
+        _compiled, _placed, _components = {}, {}, {}
     try:
         yield
     finally:
         if not outer:
-            _compiled = _placed = None
+            _compiled = _placed = _components = None
 
 
 def _matcher(source: str) -> Matcher:
@@ -376,6 +377,8 @@ def _placement(pattern: str) -> Placement:
     if not pattern.startswith("/"):
         return Placement((), "glob", pattern)
     parts = pattern[1:].split("/") if pattern != "/" else []
+    if _components is not None:  # "home" once, not once per rule under /home
+        parts = [_components.setdefault(c, c) for c in parts]
     prefix: list[str] = []
     for idx, part in enumerate(parts):
         if has_special(part):

@@ -574,8 +574,16 @@ def _conditions(d: dict[str, Any] | None) -> Conditions:
     )
 
 
-# A rule's slots, one frozenset per distinct set (rules share a handful: [write], [all], ...).
+# A rule's slots, one frozenset per distinct set (rules share a handful: [write], [all], ...); likewise
+# its ops as written and its effect.
 _SLOT_SETS: dict[frozenset[int], frozenset[int]] = {}
+_SHARED: dict[Any, Any] = {}
+
+
+def _shared(value: Any) -> Any:
+    if len(_SHARED) > 4096:  # generated ops lists are a handful; anything else is not worth keeping
+        _SHARED.clear()
+    return _SHARED.setdefault(value, value)
 
 
 def _build_rule(index: int, d: dict[str, Any], lines: Lines) -> Rule:
@@ -587,8 +595,8 @@ def _build_rule(index: int, d: dict[str, Any], lines: Lines) -> Rule:
     errno = names.errno_from_name(d.get("errno", "EACCES")) if deny else 0
     return Rule(
         id=d["id"],
-        effect=d["effect"],
-        ops=tuple(d["ops"]),
+        effect=_shared(d["effect"]),
+        ops=_shared(tuple(_shared(op) for op in d["ops"])),
         slots=slots,
         paths=_globs(d.get("paths")),
         except_=_globs(d.get("except")),
