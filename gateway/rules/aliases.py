@@ -79,16 +79,13 @@ class AliasNode:
 SLOTS = frozenset({int(RT.SYMLINK), int(RT.RENAME), int(RT.LINK), int(RT.LSTAT), model.OPEN_READ})
 
 
-def build(views: list[tuple[int, Any]]) -> dict[int, AliasNode]:
-    """Alias tries per slot from (slot, view) pairs of deny rules that have ``paths`` (slots in SLOTS);
-    slots with the same views share one trie."""
-    per_slot: dict[int, list[Any]] = {}
-    for slot, view in views:
-        per_slot.setdefault(slot, []).append(view)
-    shared: dict[tuple[int, ...], AliasNode] = {}
+def build(per_slot: dict[int, list[Any]]) -> dict[int, AliasNode]:
+    """Alias tries per slot (of SLOTS) from each slot's views of deny rules that have ``paths``, in rule
+    order; slots with the same views share one trie."""
+    shared: dict[tuple[Any, ...], AliasNode] = {}
     roots: dict[int, AliasNode] = {}
     for slot, here in per_slot.items():
-        sig = tuple(id(v) for v in here)
+        sig = tuple(here)  # views hash and compare by identity
         root = shared.get(sig)
         if root is None:
             root = shared[sig] = AliasNode()

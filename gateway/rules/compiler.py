@@ -307,6 +307,8 @@ class View:
 
 
 Record = tuple[tuple[tuple["View", Any], ...], tuple[tuple["View", Any], ...]]
+# A rule's view as placed: (view, [(node key, exact, matcher)], its index entries (view, matcher))
+Placed = tuple["View", list[tuple[str, bool, Any]], tuple[tuple["View", Any], ...]]
 Index = dict[str, Record]
 _NO_RECORD: Record = ((), ())  # a node with nothing placed at it, only below it
 
@@ -339,12 +341,12 @@ class _IndexBuilder:
         t = tuple(items)
         return self.tuples.setdefault(t, t)
 
-    def build(self, placed: list[tuple[View, list[tuple[str, bool, tuple[View, Any]]]]]) -> Index:
-        """An Index from (view, [(node key, exact, entry)]) in rule order."""
+    def build(self, placed: list[Placed]) -> Index:
+        """An Index from (view, its spots [(node key, exact, matcher)], its entries) in rule order."""
         entries: dict[str, list[tuple[View, Any]]] = {"": []}
         exact: dict[str, list[tuple[View, Any]]] = {}
-        for _view, where in placed:
-            for key, is_exact, item in where:
+        for _view, spots, items in placed:
+            for (key, is_exact, _m), item in zip(spots, items, strict=True):
                 if key not in entries:
                     entries[key] = []
                     parent = key
@@ -478,8 +480,8 @@ def compile_rules(rules: tuple[Rule, ...], default: str, enforcement: str) -> Co
     ranks = {r.id: i for i, r in enumerate(ordered)}
     builder = _IndexBuilder()
     views = ViewMap()
-    per_slot: dict[int, list[tuple[View, list[tuple[str, bool, tuple[View, Any]]]]]] = {}
-    alias_views: list[tuple[int, View]] = []
+    per_slot: dict[int, list[Placed]] = {}
+    alias_views: dict[int, list[View]] = {}  # slot -> its deny views with paths, in rule order
     for rule in rules:
         solo = rule_decision(rule, enforce)
         when_obj = object_conds(rule.when.object)
@@ -493,15 +495,16 @@ def compile_rules(rules: tuple[Rule, ...], default: str, enforcement: str) -> Co
         if not rule.when.given() and rule.unless is None:
             # No condition reads the request: one view, the same at every slot (the common case).
             view = View(rule, prio, [], None, when_obj, [], solo)
-            item = (view, [(k, exact, (view, m)) for k, exact, m in spots])
+            item = (view, spots, tuple((view, m) for _k, _exact, m in spots))
             for slot in rule.slots:
                 per_slot.setdefault(slot, []).append(item)
             if rule.deny and rule.paths is not None:
-                alias_views += [(slot, view) for slot in sorted(rule.slots & aliases.SLOTS)]
+                for slot in rule.slots & aliases.SLOTS:
+                    alias_views.setdefault(slot, []).append(view)
             views.add(rule.id, dict.fromkeys(rule.slots, view), rule.slots)
             continue
         by_key: dict[Any, View | None] = {}
-        placed: dict[int, list[tuple[str, bool, tuple[View, Any]]]] = {}  # id(view) -> its placements
+        placed: dict[int, Placed] = {}  # id(view) -> its item
         live: dict[int, View] = {}
         for slot in sorted(rule.slots):
             key = _slot_key(rule, slot)
@@ -512,20 +515,21 @@ def compile_rules(rules: tuple[Rule, ...], default: str, enforcement: str) -> Co
             if view is None:
                 continue
             live[slot] = view
-            where = placed.get(id(view))
-            if where is None:
-                where = placed[id(view)] = [(k, exact, (view, m)) for k, exact, m in spots]
-            per_slot.setdefault(slot, []).append((view, where))
+            item = placed.get(id(view))
+            if item is None:
+                item = placed[id(view)] = (view, spots, tuple((view, m) for _k, _exact, m in spots))
+            per_slot.setdefault(slot, []).append(item)
             if rule.deny and rule.paths is not None and slot in aliases.SLOTS:
-                alias_views.append((slot, view))
+                alias_views.setdefault(slot, []).append(view)
         views.add(rule.id, live, rule.slots)
     roots: list[Index | None] = [None] * (max(model.SLOTS) + 1)
-    shared: dict[tuple[int, ...], Index] = {}
+    shared: dict[tuple[View, ...], Index] = {}
     for slot, placed_here in per_slot.items():
-        sig = tuple(id(v) for v, _ in placed_here)
+        sig = tuple(v for v, _, _ in placed_here)  # views hash and compare by identity
         index = shared.get(sig)
         if index is None:
             index = shared[sig] = builder.build(placed_here)
         roots[slot] = index
+    del per_slot, shared, builder  # some MB at 10,000 rules: gone before the alias tries add theirs
     return Compiled(roots, views, default_decision(default, enforce), enforce, default == "deny", ranks,
                     aliases.build(alias_views))
