@@ -189,6 +189,5 @@ def test_a_view_shared_between_slots_is_the_view_each_slot_would_get(seed: int) 
         when_obj = compiler.object_conds(rule.when.object)
         unless_obj = compiler.object_conds(rule.unless.object) if rule.unless else []
         for slot in rule.slots:
-            alone = compiler._view(rule, slot, p.compiled.ranks[rule.id], when_obj, unless_obj,
-                                   compiler.rule_decision(rule, True))
+            alone = compiler._view(rule, slot, p.compiled.ranks[rule.id], when_obj, unless_obj, True)
             assert shape(p.compiled.views.get((rule.id, slot))) == shape(alone), (rule.id, slot, rules)

@@ -221,7 +221,7 @@ def reaching(root: AliasNode | None, path: str, req: Any, *, unconditional: bool
 
 
 def _denial(view: Any, what: str) -> Decision:
-    solo: Decision = view.solo
+    solo: Decision = view.decision()
     return solo._replace(reason=f"{solo.reason} ({what})")
 
 

@@ -254,11 +254,11 @@ def all_of(conds: list[Cond]) -> Test | None:
 class View:
     """A rule as compiled for one slot. ``pre``/``res`` exist only for rules that read the object."""
 
-    __slots__ = ("always", "chk", "deny", "ex", "id", "obj", "pre", "prio", "res", "rule", "solo", "unless",
-                 "unless_obj", "when", "when_obj")
+    __slots__ = ("always", "chk", "deny", "enforce", "ex", "id", "obj", "pre", "prio", "res", "rule", "solo",
+                 "unless", "unless_obj", "when", "when_obj")
 
     def __init__(self, rule: Rule, prio: int, when: list[Cond], unless: list[Cond] | None,
-                 when_obj: list[Cond], unless_obj: list[Cond], solo: Decision) -> None:
+                 when_obj: list[Cond], unless_obj: list[Cond], enforce: bool) -> None:
         self.rule = rule
         self.id = rule.id
         self.deny = rule.deny
@@ -268,7 +268,10 @@ class View:
         # Tuples: most are empty, and the empty tuple is one object.
         self.when, self.when_obj, self.unless_obj = tuple(when), tuple(when_obj), tuple(unless_obj)
         self.unless = tuple(unless) if unless is not None else None
-        self.solo = solo  # the decision when this rule is the only one that matched
+        # The decision when this rule is the only one that matched: made when first needed (decision()),
+        # since most rules of a large policy never decide a request (10,000 of them: 2.3 MB).
+        self.solo: Decision | None = None
+        self.enforce = enforce
         w = all_of(when)
         u = all_of(unless) if unless is not None else None
         self.obj = bool(when_obj or (unless is not None and unless_obj))
@@ -304,6 +307,13 @@ class View:
             return not (has_unless and (u is None or u(r)) and (uo is None or uo(o)))
 
         self.pre, self.res = pre, res
+
+    def decision(self) -> Decision:
+        """The decision when this rule is the only one that matched (``solo``, made at first use)."""
+        d = self.solo
+        if d is None:
+            d = self.solo = rule_decision(self.rule, self.enforce)
+        return d
 
 
 Record = tuple[tuple[tuple["View", Any], ...], tuple[tuple["View", Any], ...]]
@@ -459,7 +469,7 @@ def _slot_key(rule: Rule, slot: int) -> tuple[Any, ...] | None:
 
 
 def _view(rule: Rule, slot: int, prio: int, when_obj: list[Cond], unless_obj: list[Cond],
-          solo: Decision) -> View | None:
+          enforce: bool) -> View | None:
     """The rule compiled for one slot, or None when it can never apply there."""
     when = request_conds(rule.when, slot)
     if when is None:
@@ -469,7 +479,7 @@ def _view(rule: Rule, slot: int, prio: int, when_obj: list[Cond], unless_obj: li
     if rule.unless is not None and unless is not None and not unless and not unless_obj_here:
         return None  # `unless` holds whatever the request: the rule can never apply here
     return View(rule, prio, when, unless, when_obj + object_type_cond(rule.when, slot),
-                unless_obj_here if unless is not None else [], solo)
+                unless_obj_here if unless is not None else [], enforce)
 
 
 def compile_rules(rules: tuple[Rule, ...], default: str, enforcement: str) -> Compiled:
@@ -483,7 +493,6 @@ def compile_rules(rules: tuple[Rule, ...], default: str, enforcement: str) -> Co
     per_slot: dict[int, list[Placed]] = {}
     alias_views: dict[int, list[View]] = {}  # slot -> its deny views with paths, in rule order
     for rule in rules:
-        solo = rule_decision(rule, enforce)
         when_obj = object_conds(rule.when.object)
         unless_obj = object_conds(rule.unless.object) if rule.unless else []
         # Where the rule's paths sit, computed once for all its slots: (node key, exact, matcher).
@@ -494,7 +503,7 @@ def compile_rules(rules: tuple[Rule, ...], default: str, enforcement: str) -> Co
         prio = ranks[rule.id]
         if not rule.when.given() and rule.unless is None:
             # No condition reads the request: one view, the same at every slot (the common case).
-            view = View(rule, prio, [], None, when_obj, [], solo)
+            view = View(rule, prio, [], None, when_obj, [], enforce)
             item = (view, spots, tuple((view, m) for _k, _exact, m in spots))
             for slot in rule.slots:
                 per_slot.setdefault(slot, []).append(item)
@@ -511,7 +520,7 @@ def compile_rules(rules: tuple[Rule, ...], default: str, enforcement: str) -> Co
             if key in by_key:
                 view = by_key[key]
             else:
-                view = by_key[key] = _view(rule, slot, prio, when_obj, unless_obj, solo)
+                view = by_key[key] = _view(rule, slot, prio, when_obj, unless_obj, enforce)
             if view is None:
                 continue
             live[slot] = view

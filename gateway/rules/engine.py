@@ -179,7 +179,7 @@ def decide(request: Any, policy: Policy, lookup: Lookup | None = None, *, explai
         if not hits:
             return c.default
         if len(hits) == 1:
-            return hits[0].solo
+            return hits[0].solo or hits[0].decision()
         return _final(c, [("path", hits)])
     return _settle(c, request, path, [("path", hits, pend)], lookup)[0]
 
@@ -232,7 +232,7 @@ def _final(c: Compiled, paths: list[tuple[str, list[View]]]) -> Decision:
         for h in hits:
             seen[h.id] = h
     if best is not None and len(seen) == 1:
-        return best.solo
+        return best.decision()
     others = [v for v in seen.values() if v is not best]
     if len(others) > 1:
         others.sort(key=_prio)
@@ -243,7 +243,7 @@ def _final(c: Compiled, paths: list[tuple[str, list[View]]]) -> Decision:
         base = c.default
         text = base.reason if not where else base.reason.replace("no rule matched", "no rule matched path2")
         return Decision(base.effect, base.outcome, base.enforced, None, base.errno, matched, text + also)
-    solo = best.solo
+    solo = best.decision()
     reason = solo.reason.replace(f"rule '{best.id}'", f"rule '{best.id}'{where}", 1) + also
     if best.deny:
         outcome = "deny" if level == 2 else "would-deny"
