@@ -539,6 +539,7 @@ def compile_rules(rules: tuple[Rule, ...], default: str, enforcement: str) -> Co
         if index is None:
             index = shared[sig] = builder.build(placed_here)
         roots[slot] = index
+    keys = builder.keys
     del per_slot, shared, builder  # some MB at 10,000 rules: gone before the alias tries add theirs
     return Compiled(roots, views, default_decision(default, enforce), enforce, default == "deny", ranks,
-                    aliases.build(alias_views))
+                    aliases.build(alias_views, keys))
