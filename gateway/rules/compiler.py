@@ -383,26 +383,35 @@ class _IndexBuilder:
 
 class ViewMap(Mapping[tuple[str, int], "View"]):
     """(rule id, slot) -> the rule's view at that slot, for explanations and lint. A rule whose
-    conditions read no slot-dependent field has one view for every slot (the common case): stored once,
-    with the slots it is live at."""
+    conditions read no slot-dependent field has one view for every slot (the common case): stored alone
+    when it is live at all of the rule's slots, else with the slots it is live at."""
 
     __slots__ = ("_by_rule",)
 
     def __init__(self) -> None:
-        self._by_rule: dict[str, tuple[frozenset[int], View] | dict[int, View]] = {}
+        self._by_rule: dict[str, View | tuple[frozenset[int], View] | dict[int, View]] = {}
 
     def add(self, rule_id: str, live: dict[int, View], all_slots: frozenset[int]) -> None:
         if not live:
             return
         first = next(iter(live.values()))
         if all(v is first for v in live.values()):
-            self._by_rule[rule_id] = (all_slots if len(live) == len(all_slots) else frozenset(live), first)
+            self._by_rule[rule_id] = first if len(live) == len(all_slots) else (frozenset(live), first)
         else:
             self._by_rule[rule_id] = live
+
+    def _slots(self, found: Any) -> Any:
+        if type(found) is View:
+            return found.rule.slots
+        return found[0] if type(found) is tuple else found
 
     def __getitem__(self, key: tuple[str, int]) -> View:
         rule_id, slot = key
         found = self._by_rule[rule_id]
+        if type(found) is View:
+            if slot in found.rule.slots:
+                return found
+            raise KeyError(key)
         if type(found) is tuple:
             if slot in found[0]:
                 return found[1]
@@ -411,11 +420,11 @@ class ViewMap(Mapping[tuple[str, int], "View"]):
 
     def __iter__(self) -> Iterator[tuple[str, int]]:
         for rule_id, found in self._by_rule.items():
-            for slot in sorted(found[0] if type(found) is tuple else found):  # type: ignore[arg-type]
+            for slot in sorted(self._slots(found)):
                 yield rule_id, slot
 
     def __len__(self) -> int:
-        return sum(len(f[0] if type(f) is tuple else f) for f in self._by_rule.values())  # type: ignore[arg-type]
+        return sum(len(self._slots(f)) for f in self._by_rule.values())
 
 
 @dataclass
