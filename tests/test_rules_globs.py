@@ -442,3 +442,20 @@ def test_any_bytes_or_text_never_raise_and_match_as_re_would(path: str, pattern:
     for text in (path, "/a/" + path, "/x/b/" + path):
         assert gs.matches(text) is (_python_re(pattern).fullmatch(text) is not None), (pattern, text)
         gs.reaches(text)
+
+
+def test_short_programs_compile_at_first_use_long_ones_at_once() -> None:
+    from gateway.rules.matcher import LAZY_MAX, Matcher
+
+    short = Matcher("/home/" + "a" * 10 + "(?:/.*)?")
+    assert not short.compiled  # a 10,000-rule policy must not build 30,000 programs nobody runs
+    assert short.fullmatch("/home/aaaaaaaaaa/x") is not None and short.compiled
+    long = Matcher("a" * (LAZY_MAX + 1))
+    assert long.compiled  # RE2's one error (too large) stays the loader's, with its line
+
+
+def test_a_pattern_too_large_for_re2_is_still_refused_when_compiled() -> None:
+    from gateway.rules.globs import check_pattern
+
+    why = check_pattern("/" + "[a-z]?" * 400_000)
+    assert why is not None and "too large" in why

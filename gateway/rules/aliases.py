@@ -34,6 +34,7 @@ path does not follow content the guest copies (reads, then writes elsewhere) whe
 
 from __future__ import annotations
 
+import bisect
 import stat
 from typing import Any
 
@@ -45,43 +46,62 @@ from gateway.rules.model import Decision
 
 
 class AliasNode:
-    """A trie of the deny rules with paths at one op slot, keyed by their patterns' literal prefixes."""
+    """A trie of the deny rules with paths at one op slot, keyed by their patterns' literal prefixes, kept
+    flat as the compiler's index is: each node's path ("" the root, then "/home", "/home/alice") -> the
+    placements whose literal prefix ends there, with every ancestor present (holding none). What lies
+    strictly below a node is a range of the sorted keys: those that start with its path and "/"."""
 
-    __slots__ = ("below", "here", "kids")
+    __slots__ = ("here", "keys")
 
-    def __init__(self) -> None:
-        self.kids: dict[str, AliasNode] = {}
-        # (view, placement, its Tail or None) for the placements whose literal prefix ends here
-        self.here: list[tuple[Any, Placement, Tail | None]] = []
-        self.below: tuple[Any, ...] = ()  # every view placed strictly below this node
+    def __init__(self, views: list[Any], keys: dict[str, str] | None = None) -> None:
+        shared = keys if keys is not None else {}
+        here: dict[str, list[tuple[Any, Placement, Tail | None]]] = {"": []}
+        for view in views:
+            for place in view.rule.paths.placements:
+                key = "/" + "/".join(place.prefix) if place.prefix else ""
+                key = shared.setdefault(key, key)
+                if key not in here:
+                    here[key] = []
+                    parent = key
+                    while True:  # every ancestor present, so that a walk stops where the trie ends
+                        parent = parent[: parent.rindex("/")]
+                        if parent in here:
+                            break
+                        here[shared.setdefault(parent, parent)] = []
+                # (view, placement, its Tail or None) for the placements whose literal prefix ends here
+                here[key].append((view, place, Tail.of(place.pattern)))
+        self.here: dict[str, tuple[tuple[Any, Placement, Tail | None], ...]] = {
+            k: tuple(v) for k, v in here.items()}
+        self.keys = sorted(k for k in self.here if k)
 
-    def insert(self, view: Any, place: Placement) -> None:
-        node = self
-        for comp in place.prefix:
-            node = node.kids.setdefault(comp, AliasNode())
-        node.here.append((view, place, Tail.of(place.pattern)))
-
-    def freeze(self) -> tuple[Any, ...]:
-        """Fill ``below`` bottom-up; returns every view at or below this node."""
+    def below(self, key: str) -> list[Any]:
+        """Every view placed strictly below the node ``key``, each once."""
+        lo = bisect.bisect_left(self.keys, key + "/")
+        hi = bisect.bisect_left(self.keys, key + "0", lo)  # "0" follows "/": the end of that range
         found: dict[int, Any] = {}
-        for kid in self.kids.values():
-            for v in kid.freeze():
+        here = self.here
+        for k in self.keys[lo:hi]:
+            for v, _place, _tail in here[k]:
                 found[id(v)] = v
-        self.below = tuple(found.values())
-        for v, _place, _tail in self.here:
-            found[id(v)] = v
-        return tuple(found.values())
+        return list(found.values())
 
 
-def build(views: list[tuple[int, Any]]) -> dict[int, AliasNode]:
-    """Alias tries per slot from (slot, view) pairs of deny rules that have ``paths``."""
+# The slots whose alias tries alias_decision reads: the aliasing ops themselves, and the reads whose
+# unconditional denies a rename or link must not route around. No other slot's is ever asked for.
+SLOTS = frozenset({int(RT.SYMLINK), int(RT.RENAME), int(RT.LINK), int(RT.LSTAT), model.OPEN_READ})
+
+
+def build(per_slot: dict[int, list[Any]], keys: dict[str, str] | None = None) -> dict[int, AliasNode]:
+    """Alias tries per slot (of SLOTS) from each slot's views of deny rules that have ``paths``, in rule
+    order; slots with the same views share one trie. ``keys``: node keys to share."""
+    shared: dict[tuple[Any, ...], AliasNode] = {}
     roots: dict[int, AliasNode] = {}
-    for slot, view in views:
-        root = roots.setdefault(slot, AliasNode())
-        for place in view.rule.paths.placements:
-            root.insert(view, place)
-    for root in roots.values():
-        root.freeze()
+    for slot, here in per_slot.items():
+        sig = tuple(here)  # views hash and compare by identity
+        root = shared.get(sig)
+        if root is None:
+            root = shared[sig] = AliasNode(here, keys)
+        roots[slot] = root
     return roots
 
 
@@ -106,19 +126,27 @@ def _excepted_below(view: Any, comps: list[str]) -> bool:
 def _candidates(root: AliasNode, path: str, comps: list[str]) -> list[Any]:
     """The views whose patterns could match ``path`` or a path below it."""
     found: list[Any] = []
-    node: AliasNode | None = root
+    here = root.here
+    node = here[""]
+    key = ""
     depth = 0
-    while node is not None:
-        for view, place, tail in node.here:
+    end = 0
+    while True:
+        for view, place, tail in node:
             if place.kind == "exact":
                 if depth == len(comps):
                     found.append(view)
             elif place.kind == "subtree" or _reaches(place, tail, path):
                 found.append(view)
         if depth == len(comps):
-            found.extend(node.below)  # every literal prefix down there extends T
+            found.extend(root.below(key))  # every literal prefix down there extends T
             break
-        node = node.kids.get(comps[depth])
+        end = path.find("/", end + 1)
+        key = path if end < 0 else path[:end]
+        got = here.get(key)
+        if got is None:
+            break
+        node = got
         depth += 1
     return found
 
@@ -209,7 +237,7 @@ def reaching(root: AliasNode | None, path: str, req: Any, *, unconditional: bool
 
 
 def _denial(view: Any, what: str) -> Decision:
-    solo: Decision = view.solo
+    solo: Decision = view.decision()
     return solo._replace(reason=f"{solo.reason} ({what})")
 
 

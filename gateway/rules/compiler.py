@@ -14,7 +14,7 @@ that can never hold is dropped), and the survivors become small closures over th
 from __future__ import annotations
 
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any
@@ -254,19 +254,24 @@ def all_of(conds: list[Cond]) -> Test | None:
 class View:
     """A rule as compiled for one slot. ``pre``/``res`` exist only for rules that read the object."""
 
-    __slots__ = ("always", "chk", "deny", "ex", "id", "obj", "pre", "prio", "res", "rule", "solo", "unless",
-                 "unless_obj", "when", "when_obj")
+    __slots__ = ("always", "chk", "deny", "enforce", "ex", "id", "obj", "pre", "prio", "res", "rule", "solo",
+                 "unless", "unless_obj", "when", "when_obj")
 
     def __init__(self, rule: Rule, prio: int, when: list[Cond], unless: list[Cond] | None,
-                 when_obj: list[Cond], unless_obj: list[Cond], solo: Decision) -> None:
+                 when_obj: list[Cond], unless_obj: list[Cond], enforce: bool) -> None:
         self.rule = rule
         self.id = rule.id
         self.deny = rule.deny
         self.always = rule.always
         self.prio = prio
         self.ex = rule.except_.fullmatch if rule.except_ is not None else None
-        self.when, self.unless, self.when_obj, self.unless_obj = when, unless, when_obj, unless_obj
-        self.solo = solo  # the decision when this rule is the only one that matched
+        # Tuples: most are empty, and the empty tuple is one object.
+        self.when, self.when_obj, self.unless_obj = tuple(when), tuple(when_obj), tuple(unless_obj)
+        self.unless = tuple(unless) if unless is not None else None
+        # The decision when this rule is the only one that matched: made when first needed (decision()),
+        # since most rules of a large policy never decide a request (10,000 of them: 2.3 MB).
+        self.solo: Decision | None = None
+        self.enforce = enforce
         w = all_of(when)
         u = all_of(unless) if unless is not None else None
         self.obj = bool(when_obj or (unless is not None and unless_obj))
@@ -303,33 +308,129 @@ class View:
 
         self.pre, self.res = pre, res
 
+    def decision(self) -> Decision:
+        """The decision when this rule is the only one that matched (``solo``, made at first use)."""
+        d = self.solo
+        if d is None:
+            d = self.solo = rule_decision(self.rule, self.enforce)
+        return d
 
-class Node:
-    __slots__ = ("entries", "exact", "kids")
+
+Record = tuple[tuple[tuple["View", Any], ...], tuple[tuple["View", Any], ...]]
+# A rule's view as placed: (view, [(node key, exact, matcher)], its index entries (view, matcher))
+Placed = tuple["View", list[tuple[str, bool, Any]], tuple[tuple["View", Any], ...]]
+Index = dict[str, Record]
+_NO_RECORD: Record = ((), ())  # a node with nothing placed at it, only below it
+
+
+def node_key(prefix: tuple[str, ...]) -> str:
+    """A trie node's key in an Index: its literal prefix as a path ("" is the root, then "/home",
+    "/home/alice"). Components never hold "/", so keys and prefixes are one to one, and the request path's
+    own prefixes ("/home", "/home/alice", ...) are the keys a walk looks up."""
+    return "/" + "/".join(prefix) if prefix else ""
+
+
+class _IndexBuilder:
+    """Index tries (one per distinct set of views: most op slots share theirs) as flat dicts, the node's
+    path -> (entries, exact), with every ancestor of a node present (the walk stops at the first missing
+    one, as it stopped at a missing kid). Equal keys, entry tuples and records are shared between them."""
 
     def __init__(self) -> None:
-        self.kids: dict[str, Node] = {}
-        self.entries: Any = []  # (view, fullmatch or None) for rules whose prefix ends here
-        self.exact: Any = []  # (view, None): literal patterns naming exactly this node's path
+        self.keys: dict[str, str] = {"": ""}
+        # Keyed by themselves: a tuple's hash and == go to its items, and views compare by identity.
+        self.tuples: dict[tuple[tuple[View, Any], ...], tuple[tuple[View, Any], ...]] = {}
+        self.records: dict[Record, Record] = {}
 
-    def insert(self, prefix: tuple[str, ...], item: tuple[View, Any], exact: bool) -> None:
-        node = self
-        for comp in prefix:
-            node = node.kids.setdefault(comp, Node())
-        (node.exact if exact else node.entries).append(item)
+    def key(self, prefix: tuple[str, ...]) -> str:
+        k = node_key(prefix)
+        return self.keys.setdefault(k, k)
 
-    def freeze(self) -> None:
-        # Subtree entries (no regex to run) first; tuples iterate a little faster than lists.
-        self.entries = tuple(sorted(self.entries, key=lambda e: e[1] is not None))
-        self.exact = tuple(self.exact)
-        for kid in self.kids.values():
-            kid.freeze()
+    def _shared(self, items: list[tuple[View, Any]]) -> tuple[tuple[View, Any], ...]:
+        if not items:
+            return ()
+        t = tuple(items)
+        return self.tuples.setdefault(t, t)
+
+    def build(self, placed: list[Placed]) -> Index:
+        """An Index from (view, its spots [(node key, exact, matcher)], its entries) in rule order."""
+        entries: dict[str, list[tuple[View, Any]]] = {"": []}
+        exact: dict[str, list[tuple[View, Any]]] = {}
+        for _view, spots, items in placed:
+            for (key, is_exact, _m), item in zip(spots, items, strict=True):
+                if key not in entries:
+                    entries[key] = []
+                    parent = key
+                    while True:  # every ancestor present, so that a walk reaches this node
+                        parent = parent[: parent.rindex("/")]
+                        parent = self.keys.setdefault(parent, parent)
+                        if parent in entries:
+                            break
+                        entries[parent] = []
+                (exact.setdefault(key, []) if is_exact else entries[key]).append(item)
+        index: Index = {}
+        for key, items in entries.items():
+            # Subtree entries (no regex to run) first, as the trie's freeze() ordered them.
+            ordered = sorted(items, key=lambda e: e[1] is not None)
+            here = self._shared(ordered)
+            ex = self._shared(exact.get(key, []))
+            if not here and not ex:
+                index[key] = _NO_RECORD
+                continue
+            rec = (here, ex)
+            index[key] = self.records.setdefault(rec, rec)
+        return index
+
+
+class ViewMap(Mapping[tuple[str, int], "View"]):
+    """(rule id, slot) -> the rule's view at that slot, for explanations and lint. A rule whose
+    conditions read no slot-dependent field has one view for every slot (the common case): stored alone
+    when it is live at all of the rule's slots, else with the slots it is live at."""
+
+    __slots__ = ("_by_rule",)
+
+    def __init__(self) -> None:
+        self._by_rule: dict[str, View | tuple[frozenset[int], View] | dict[int, View]] = {}
+
+    def add(self, rule_id: str, live: dict[int, View], all_slots: frozenset[int]) -> None:
+        if not live:
+            return
+        first = next(iter(live.values()))
+        if all(v is first for v in live.values()):
+            self._by_rule[rule_id] = first if len(live) == len(all_slots) else (frozenset(live), first)
+        else:
+            self._by_rule[rule_id] = live
+
+    def _slots(self, found: Any) -> Any:
+        if type(found) is View:
+            return found.rule.slots
+        return found[0] if type(found) is tuple else found
+
+    def __getitem__(self, key: tuple[str, int]) -> View:
+        rule_id, slot = key
+        found = self._by_rule[rule_id]
+        if type(found) is View:
+            if slot in found.rule.slots:
+                return found
+            raise KeyError(key)
+        if type(found) is tuple:
+            if slot in found[0]:
+                return found[1]
+            raise KeyError(key)
+        return found[slot]  # type: ignore[index]
+
+    def __iter__(self) -> Iterator[tuple[str, int]]:
+        for rule_id, found in self._by_rule.items():
+            for slot in sorted(self._slots(found)):
+                yield rule_id, slot
+
+    def __len__(self) -> int:
+        return sum(len(self._slots(f)) for f in self._by_rule.values())
 
 
 @dataclass
 class Compiled:
-    roots: list[Node | None]  # indexed by slot
-    views: dict[tuple[str, int], View]  # (rule id, slot) -> view, for explanations and lint
+    roots: list[Index | None]  # indexed by slot; slots with the same rules share one Index
+    views: ViewMap  # (rule id, slot) -> view, for explanations and lint
     default: Decision
     enforce: bool
     default_deny: bool
@@ -359,42 +460,95 @@ def default_decision(default: str, enforce: bool) -> Decision:
                     "no rule matched: default deny (permissive: performed anyway)")
 
 
+_FIXED_TYPE = {int(RT.CREATE): stat.S_IFREG, int(RT.MKDIR): stat.S_IFDIR, int(RT.SYMLINK): stat.S_IFLNK}
+_CHMOD = int(RT.CHMOD)
+_LSETXATTR = int(RT.LSETXATTR)
+
+
+def _slot_key(rule: Rule, slot: int) -> tuple[Any, ...] | None:
+    """What the rule's compiled conditions at ``slot`` depend on (request_conds, object_type_cond): slots
+    with equal keys get one shared view. None: nothing (a rule without conditions)."""
+    w = rule.when.given()
+    u = rule.unless.given() if rule.unless is not None else ()
+    if not w and not u:
+        return None
+    return (slot == _CHMOD, _FIXED_TYPE.get(slot), slot == _LSETXATTR,
+            tuple(slot in model.FIELD_SLOTS[k] for k in w if k != "object"),
+            tuple(slot in model.FIELD_SLOTS[k] for k in u if k != "object"))
+
+
+def _view(rule: Rule, slot: int, prio: int, when_obj: list[Cond], unless_obj: list[Cond],
+          enforce: bool) -> View | None:
+    """The rule compiled for one slot, or None when it can never apply there."""
+    when = request_conds(rule.when, slot)
+    if when is None:
+        return None  # a `when` condition reads a field this request type does not have
+    unless = request_conds(rule.unless, slot) if rule.unless is not None else None
+    unless_obj_here = unless_obj + object_type_cond(rule.unless, slot)
+    if rule.unless is not None and unless is not None and not unless and not unless_obj_here:
+        return None  # `unless` holds whatever the request: the rule can never apply here
+    return View(rule, prio, when, unless, when_obj + object_type_cond(rule.when, slot),
+                unless_obj_here if unless is not None else [], enforce)
+
+
 def compile_rules(rules: tuple[Rule, ...], default: str, enforcement: str) -> Compiled:
     enforce = enforcement == "enforce"
     # Precedence among rules of one effect: never the file order. Under permissive enforcement a rule
     # that is always enforced comes first (it decides whether the request is really refused); then ids.
     ordered = sorted(rules, key=lambda r: (not (not enforce and r.always), r.id))
     ranks = {r.id: i for i, r in enumerate(ordered)}
-    roots: list[Node | None] = [None] * (max(model.SLOTS) + 1)
-    views: dict[tuple[str, int], View] = {}
-    alias_views: list[tuple[int, View]] = []
+    builder = _IndexBuilder()
+    views = ViewMap()
+    per_slot: dict[int, list[Placed]] = {}
+    alias_views: dict[int, list[View]] = {}  # slot -> its deny views with paths, in rule order
     for rule in rules:
-        solo = rule_decision(rule, enforce)
         when_obj = object_conds(rule.when.object)
         unless_obj = object_conds(rule.unless.object) if rule.unless else []
-        for slot in sorted(rule.slots):
-            when = request_conds(rule.when, slot)
-            if when is None:
-                continue  # a `when` condition reads a field this request type does not have
-            unless = request_conds(rule.unless, slot) if rule.unless is not None else None
-            unless_obj_here = unless_obj + object_type_cond(rule.unless, slot)
-            if rule.unless is not None and unless is not None and not unless and not unless_obj_here:
-                continue  # `unless` holds whatever the request: the rule can never apply here
-            view = View(rule, ranks[rule.id], when, unless, when_obj + object_type_cond(rule.when, slot),
-                        unless_obj_here if unless is not None else [], solo)
-            views[(rule.id, slot)] = view
+        # Where the rule's paths sit, computed once for all its slots: (node key, exact, matcher).
+        spots = [("", False, None)] if rule.paths is None else [
+            (builder.key(prefix), kind == "exact", match)
+            for prefix, kind, match in rule.paths.index_entries()
+        ]
+        prio = ranks[rule.id]
+        if not rule.when.given() and rule.unless is None:
+            # No condition reads the request: one view, the same at every slot (the common case).
+            view = View(rule, prio, [], None, when_obj, [], enforce)
+            item = (view, spots, tuple((view, m) for _k, _exact, m in spots))
+            for slot in rule.slots:
+                per_slot.setdefault(slot, []).append(item)
             if rule.deny and rule.paths is not None:
-                alias_views.append((slot, view))
-            root = roots[slot]
-            if root is None:
-                root = roots[slot] = Node()
-            if rule.paths is None:
-                root.insert((), (view, None), False)
+                for slot in rule.slots & aliases.SLOTS:
+                    alias_views.setdefault(slot, []).append(view)
+            views.add(rule.id, dict.fromkeys(rule.slots, view), rule.slots)
+            continue
+        by_key: dict[Any, View | None] = {}
+        placed: dict[int, Placed] = {}  # id(view) -> its item
+        live: dict[int, View] = {}
+        for slot in sorted(rule.slots):
+            key = _slot_key(rule, slot)
+            if key in by_key:
+                view = by_key[key]
+            else:
+                view = by_key[key] = _view(rule, slot, prio, when_obj, unless_obj, enforce)
+            if view is None:
                 continue
-            for prefix, kind, match in rule.paths.index_entries():
-                root.insert(prefix, (view, match), kind == "exact")
-    for root in roots:
-        if root is not None:
-            root.freeze()
+            live[slot] = view
+            item = placed.get(id(view))
+            if item is None:
+                item = placed[id(view)] = (view, spots, tuple((view, m) for _k, _exact, m in spots))
+            per_slot.setdefault(slot, []).append(item)
+            if rule.deny and rule.paths is not None and slot in aliases.SLOTS:
+                alias_views.setdefault(slot, []).append(view)
+        views.add(rule.id, live, rule.slots)
+    roots: list[Index | None] = [None] * (max(model.SLOTS) + 1)
+    shared: dict[tuple[View, ...], Index] = {}
+    for slot, placed_here in per_slot.items():
+        sig = tuple(v for v, _, _ in placed_here)  # views hash and compare by identity
+        index = shared.get(sig)
+        if index is None:
+            index = shared[sig] = builder.build(placed_here)
+        roots[slot] = index
+    keys = builder.keys
+    del per_slot, shared, builder  # some MB at 10,000 rules: gone before the alias tries add theirs
     return Compiled(roots, views, default_decision(default, enforce), enforce, default == "deny", ranks,
-                    aliases.build(alias_views))
+                    aliases.build(alias_views, keys))

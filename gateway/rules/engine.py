@@ -30,7 +30,7 @@ from typing import Any
 from gateway.protocol import RequestType as RT
 from gateway.rules import model
 from gateway.rules.aliases import alias_decision
-from gateway.rules.compiler import Compiled, Node, View, model_path
+from gateway.rules.compiler import Compiled, Index, View, model_path
 from gateway.rules.model import Decision, ObjectAttrs, Policy, RuleTrace
 
 Lookup = Callable[[str], Any]  # path -> os.stat_result | ObjectAttrs | None
@@ -51,21 +51,36 @@ def slot_of(request: Any) -> int:
     return int(t)
 
 
-def _scan(root: Node, path: str, req: Any, hits: list[View], pend: list[View]) -> None:
-    """Collect the rules matching ``path`` at this slot: certain ones in hits, object-dependent in pend."""
-    node: Node | None = root
+def _scan(root: Index, path: str, req: Any, hits: list[View], pend: list[View]) -> None:
+    """Collect the rules matching ``path`` at this slot: certain ones in hits, object-dependent in pend.
+
+    The walk meets the node of each prefix of the path (``/home``, ``/home/alice``, ...) while there is
+    one: its entries apply to the path and everything below; at the path's own node, its exact ones too."""
+    rec = root[""]
     todo = []
-    for comp in path[1:].split("/") if path != "/" else ():
-        if node.entries:  # type: ignore[union-attr]
-            todo.append(node.entries)  # type: ignore[union-attr]
-        node = node.kids.get(comp)  # type: ignore[union-attr]
-        if node is None:
-            break
+    if path == "/":
+        if rec[0]:
+            todo.append(rec[0])
+        if rec[1]:
+            todo.append(rec[1])
     else:
-        if node.entries:  # type: ignore[union-attr]
-            todo.append(node.entries)  # type: ignore[union-attr]
-        if node.exact:  # type: ignore[union-attr]
-            todo.append(node.exact)  # type: ignore[union-attr]
+        end = 0
+        get = root.get
+        while True:
+            if rec[0]:
+                todo.append(rec[0])
+            end = path.find("/", end + 1)
+            if end < 0:
+                rec = get(path)
+                if rec is not None:
+                    if rec[0]:
+                        todo.append(rec[0])
+                    if rec[1]:
+                        todo.append(rec[1])
+                break
+            rec = get(path[:end])
+            if rec is None:
+                break
     for entries in todo:
         for v, m in entries:
             if m is not None and m(path) is None:
@@ -164,7 +179,7 @@ def decide(request: Any, policy: Policy, lookup: Lookup | None = None, *, explai
         if not hits:
             return c.default
         if len(hits) == 1:
-            return hits[0].solo
+            return hits[0].solo or hits[0].decision()
         return _final(c, [("path", hits)])
     return _settle(c, request, path, [("path", hits, pend)], lookup)[0]
 
@@ -217,7 +232,7 @@ def _final(c: Compiled, paths: list[tuple[str, list[View]]]) -> Decision:
         for h in hits:
             seen[h.id] = h
     if best is not None and len(seen) == 1:
-        return best.solo
+        return best.decision()
     others = [v for v in seen.values() if v is not best]
     if len(others) > 1:
         others.sort(key=_prio)
@@ -228,7 +243,7 @@ def _final(c: Compiled, paths: list[tuple[str, list[View]]]) -> Decision:
         base = c.default
         text = base.reason if not where else base.reason.replace("no rule matched", "no rule matched path2")
         return Decision(base.effect, base.outcome, base.enforced, None, base.errno, matched, text + also)
-    solo = best.solo
+    solo = best.decision()
     reason = solo.reason.replace(f"rule '{best.id}'", f"rule '{best.id}'{where}", 1) + also
     if best.deny:
         outcome = "deny" if level == 2 else "would-deny"

@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from typing import Any
 
-from gateway.rules.matcher import NEVER, Matcher, MatchError, literal, union
+from gateway.rules.matcher import LAZY_MAX, NEVER, AnyOf, Matcher, MatchError, literal, union
+
+_OWNERS = {(0,): (0,), (0, 1): (0, 1)}  # the owners of a set of one or two patterns, shared
 
 SPECIAL = frozenset("*?[{\\")
 MAX_ALTERNATIVES = 256  # a brace bomb in a policy must not become a 10^6-way regex
@@ -103,6 +105,8 @@ def _find_brace(pattern: str) -> tuple[int, int, list[str]] | None:
 
 def expand_braces(pattern: str) -> list[str]:
     """All brace-free alternatives of a pattern, in order, without duplicates."""
+    if "{" not in pattern and "}" not in pattern and "[" not in pattern:
+        return [pattern]  # what _find_brace would say, without its walk (it raises only on [ and })
     found = _find_brace(pattern)
     if found is None:
         return [pattern]
@@ -260,21 +264,61 @@ def _below(path: str) -> str:
     return path if path.endswith("/") else path + "/"
 
 
-@dataclass(frozen=True, slots=True)
+# A pattern this short has sources of at most LAZY_MAX characters (a character becomes at most 14 of a
+# regex source, a range split around "/", and 5 more of the prefix source's group), so its programs cannot
+# fail and are made only when first asked for; a longer pattern's are made at once, so that "too large
+# for the matcher" is still the schema's error, with its line.
+LAZY_PATTERN_MAX = LAZY_MAX // 20
+
+
 class Placement:
     """Where one brace-free path pattern goes in the index.
 
     kind "exact": the pattern is a literal path, matched by reaching its trie node at the path's end;
     "subtree": literal prefix + ``/**``, matched by reaching its node at all (no regex needed);
     "glob": the regex must confirm, but only paths under the literal prefix can reach it.
-    ``reach`` matches the prefixes of the pattern's matches (see ``reaches``).
+    ``reach`` matches the prefixes of the pattern's matches (see ``reaches``). Both matchers are built
+    from the pattern when first used: serving a subtree or exact placement never needs either.
     """
 
-    prefix: tuple[str, ...]
-    kind: str
-    pattern: str
-    regex: Matcher
-    reach: Matcher = field(repr=False, compare=False)
+    __slots__ = ("_reach", "_regex", "kind", "pattern", "prefix")
+
+    def __init__(self, prefix: tuple[str, ...], kind: str, pattern: str) -> None:
+        self.prefix, self.kind, self.pattern = prefix, kind, pattern
+        self._regex: Matcher | None = None
+        self._reach: Matcher | None = None
+        if len(pattern) > LAZY_PATTERN_MAX:
+            self._programs()
+
+    def _programs(self) -> None:
+        toks = tokens(self.pattern)
+        self._regex = _matcher("".join(src for _, src in toks))
+        self._reach = _matcher(prefix_source(toks))
+
+    @property
+    def regex(self) -> Matcher:
+        if self._regex is None:
+            self._programs()
+        return self._regex  # type: ignore[return-value]
+
+    @property
+    def reach(self) -> Matcher:
+        if self._reach is None:
+            self._programs()
+        return self._reach  # type: ignore[return-value]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Placement) and (self.prefix, self.kind, self.pattern) == (
+            other.prefix, other.kind, other.pattern)
+
+    def __hash__(self) -> int:
+        return hash((self.prefix, self.kind, self.pattern))
+
+    def __repr__(self) -> str:
+        return f"Placement(prefix={self.prefix!r}, kind={self.kind!r}, pattern={self.pattern!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return placement, (self.pattern,)
 
     def reaches(self, path: str) -> bool:
         """True when the pattern matches ``path`` or some path strictly below it."""
@@ -284,21 +328,23 @@ class Placement:
 # RE2 programs by source, while a policy loads (see compile_cache): the schema compiles each pattern to
 # check it, and the rule built from it needs the same programs again.
 _compiled: dict[str, Matcher] | None = None
+_placed: dict[str, Placement] | None = None  # likewise, whole placements by brace-free pattern
+_components: dict[str, str] | None = None  # and the literal components of their prefixes
 
 
 @contextlib.contextmanager
 def compile_cache() -> Iterator[None]:
     """Within this block, a glob's RE2 programs are compiled once (they are immutable, so shared); the
     cache goes when the outermost block ends, so nothing outlives the load that built it."""
-    global _compiled
+    global _compiled, _placed, _components
     outer = _compiled is not None
     if not outer:
-        _compiled = {}
+        _compiled, _placed, _components = {}, {}, {}
     try:
         yield
     finally:
         if not outer:
-            _compiled = None
+            _compiled = _placed = _components = None
 
 
 def _matcher(source: str) -> Matcher:
@@ -315,35 +361,51 @@ def _matcher(source: str) -> Matcher:
 
 
 def placement(pattern: str) -> Placement:
-    toks = tokens(pattern)
-    regex = _matcher("".join(src for _, src in toks))
-    reach = _matcher(prefix_source(toks))
+    cache = _placed
+    if cache is not None and (hit := cache.get(pattern)) is not None:
+        return hit
+    place = _placement(pattern)
+    if cache is not None:
+        cache[pattern] = place
+    return place
+
+
+def _placement(pattern: str) -> Placement:
+    if "[" in pattern or pattern.endswith("\\"):
+        # tokens() raises GlobError only for a class or a trailing backslash: now, not at first use
+        tokens(pattern)
     if not pattern.startswith("/"):
-        return Placement((), "glob", pattern, regex, reach)
+        return Placement((), "glob", pattern)
     parts = pattern[1:].split("/") if pattern != "/" else []
+    if _components is not None:  # "home" once, not once per rule under /home
+        parts = [_components.setdefault(c, c) for c in parts]
     prefix: list[str] = []
     for idx, part in enumerate(parts):
         if has_special(part):
             rest = parts[idx:]
             if rest == ["**"]:
-                return Placement(tuple(prefix), "subtree", pattern, regex, reach)
-            return Placement(tuple(prefix), "glob", pattern, regex, reach)
+                return Placement(tuple(prefix), "subtree", pattern)
+            return Placement(tuple(prefix), "glob", pattern)
         prefix.append(part)
-    return Placement(tuple(prefix), "exact", pattern, regex, reach)
+    return Placement(tuple(prefix), "exact", pattern)
 
 
-@dataclass(frozen=True)
 class GlobSet:
     """A list of patterns as written, compiled to one RE2 matcher and to index placements.
 
     Every match runs in time linear in the text (RE2), so a guest-chosen path cannot stall the server.
+    The combined matchers (``full``, ``reach``) are built when first used.
     """
 
-    patterns: tuple[str, ...]
-    placements: tuple[Placement, ...] = field(repr=False)
-    fullmatch: Callable[[str], object] = field(repr=False, compare=False)  # the combined matcher's
-    owners: tuple[int, ...] = field(repr=False, compare=False)  # placement index -> index of its pattern
-    reach: Callable[[str], object] = field(repr=False, compare=False)  # prefixes of any pattern's matches
+    __slots__ = ("_full", "_reach", "owners", "patterns", "placements")
+
+    def __init__(self, patterns: tuple[str, ...], placements: tuple[Placement, ...],
+                 owners: tuple[int, ...]) -> None:
+        self.patterns = patterns
+        self.placements = placements
+        self.owners = owners  # placement index -> index of its pattern
+        self._full: Matcher | AnyOf | None = None
+        self._reach: Matcher | AnyOf | None = None
 
     @classmethod
     def compile(cls, patterns: Iterable[str]) -> GlobSet:
@@ -354,9 +416,37 @@ class GlobSet:
             for alt in expand_braces(pat):
                 places.append(placement(alt))
                 owners.append(idx)
-        full = union([p.regex for p in places])
-        reach = union([p.reach for p in places])
-        return cls(pats, tuple(places), full.fullmatch, tuple(owners), reach.fullmatch)
+        return cls(pats, tuple(places), _OWNERS.get(tuple(owners)) or tuple(owners))
+
+    @property
+    def full(self) -> Matcher | AnyOf:
+        """The combined matcher: one program when RE2 can build it."""
+        if self._full is None:
+            self._full = union([p.regex for p in self.placements])
+        return self._full
+
+    @property
+    def reach(self) -> Matcher | AnyOf:
+        """Prefixes of any pattern's matches."""
+        if self._reach is None:
+            self._reach = union([p.reach for p in self.placements])
+        return self._reach
+
+    @property
+    def fullmatch(self) -> Callable[[str], object]:
+        return self.full.fullmatch
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, GlobSet) and other.patterns == self.patterns
+
+    def __hash__(self) -> int:
+        return hash(self.patterns)
+
+    def __repr__(self) -> str:
+        return f"GlobSet(patterns={self.patterns!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:  # audit filters are pickled into worker processes
+        return GlobSet.compile, (self.patterns,)
 
     def matches(self, text: str) -> bool:
         return self.fullmatch(text) is not None
@@ -368,7 +458,7 @@ class GlobSet:
         at ``path/...``, so a deny on ``**/.git/hooks/**`` reaches ``/cache/repo/.git`` (and
         ``/cache/repo``). Linear in the path, like ``matches``.
         """
-        return self.fullmatch(path) is not None or self.reach(_below(path)) is not None
+        return self.full.fullmatch(path) is not None or self.reach.fullmatch(_below(path)) is not None
 
     def index_entries(self) -> list[tuple[tuple[str, ...], str, Callable[[str], object] | None]]:
         """(trie prefix, kind, matcher or None) per node: the placements at one node, one entry.

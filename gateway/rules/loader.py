@@ -182,10 +182,12 @@ def _hashable(key: Any) -> Any:
     return key
 
 
-def _compose(text: str) -> tuple[Any, Lines]:
-    """One pass over libyaml's events: plain data, the line of every key and list item, and the bounds
-    (anchors and aliases, depth, duplicate keys, one document) checked as the events arrive."""
+def _compose(text: str, depth: int | None = None) -> tuple[Any, Lines]:
+    """One pass over libyaml's events: plain data, the line of every key and list item (``depth``: of
+    those at most that many levels deep), and the bounds (anchors and aliases, depth, duplicate keys,
+    one document) checked as the events arrive."""
     lines: Lines = {(): 1}
+    deep = MAX_DEPTH + 1 if depth is None else depth  # a key or item at len(path) >= deep: no line kept
     parser = _CParser(text)
     get_event = parser.get_event
     Scalar, SeqStart, MapStart = yaml.ScalarEvent, yaml.SequenceStartEvent, yaml.MappingStartEvent
@@ -247,7 +249,8 @@ def _compose(text: str) -> tuple[Any, Lines]:
                 root = value
             elif not top[2]:
                 items = top[0]
-                lines[(*top[1], len(items))] = mark.line + 1
+                if len(top[1]) < deep:
+                    lines[(*top[1], len(items))] = mark.line + 1
                 items.append(value)
             elif top[4] is None:
                 top[3] = _hashable(value) if isinstance(value, list | dict) else value
@@ -259,19 +262,21 @@ def _compose(text: str) -> tuple[Any, Lines]:
                     old = mapping[key]
                     problem = f'found duplicate key "{key}" with value "{value}" (original value: "{old}")'
                     raise yaml.MarkedYAMLError("while constructing a mapping", None, problem, top[5])
-                lines[(*top[1], key)] = top[4]
+                if len(top[1]) < deep:
+                    lines[(*top[1], key)] = top[4]
                 mapping[key] = value
                 top[4] = None
     finally:
         parser.dispose()
 
 
-def read_yaml(text: str, source: str) -> tuple[Any, Lines]:
-    """Plain data (dict/list/str/int/bool/None) and the 1-based line of every key and list item."""
+def read_yaml(text: str, source: str, depth: int | None = None) -> tuple[Any, Lines]:
+    """Plain data (dict/list/str/int/bool/None) and the 1-based line of every key and list item (with
+    ``depth``, only of those whose path has at most ``depth`` steps, such as ``("rules", 3)``)."""
     if len(text) > MAX_POLICY_BYTES:  # characters: at least as many bytes
         raise PolicyError([Problem(source, 0, "", _too_large(len(text.encode("utf-8", "surrogatepass"))))])
     try:
-        return _compose(text)
+        return _compose(text, depth)
     except _Refused as err:
         raise PolicyError([Problem(source, err.line, "", str(err))]) from None
     except yaml.MarkedYAMLError as err:
@@ -352,11 +357,17 @@ def _gc_paused() -> Iterator[None]:
 
 
 def _load(raw: bytes, source: str, base: Path | None) -> Policy:
-    with _gc_paused(), globs.compile_cache():
-        return _load_unpaused(raw, source, base)
+    with _gc_paused():
+        with globs.compile_cache():
+            fields = _read(raw, source, base)
+        # The load's caches (programs and placements by pattern) and the text are gone before the index
+        # is built: its peak is the resident size a serving gateway keeps.
+        return Policy(**fields, compiled=compile_rules(fields["rules"], fields["default"],
+                                                       fields["enforcement"]))
 
 
-def _load_unpaused(raw: bytes, source: str, base: Path | None) -> Policy:
+def _read(raw: bytes, source: str, base: Path | None) -> dict[str, Any]:
+    """The policy's fields, all but its compiled index; PolicyError listing every problem."""
     if len(raw) > MAX_POLICY_BYTES:
         raise PolicyError([Problem(source, 0, "", _too_large(len(raw)))])
     try:
@@ -364,34 +375,45 @@ def _load_unpaused(raw: bytes, source: str, base: Path | None) -> Policy:
     except UnicodeDecodeError as err:
         line = raw[: err.start].count(b"\n") + 1
         raise PolicyError([Problem(source, line, "", "not UTF-8 text")]) from None
-    data, lines = read_yaml(text, source)
-    problems, doc = schema.validate(data, lines, source)
-    if not isinstance(doc, dict):
-        raise PolicyError(problems)
-    problems += _semantic(doc, lines, source)
-    tests, test_problems = _build_tests(doc, lines, source)
-    problems += test_problems
+    # A valid policy needs the lines of its rules and tests, and of its top-level keys: two steps deep.
+    # Every key's and item's line (80,000 at 10,000 rules, a tenth of the parse's memory) is needed
+    # only to word a problem, so when there is one, the text is read again, keeping them all.
+    data, lines = read_yaml(text, source, depth=2)
+    problems, doc, tests = _checked(data, lines, source)
     if problems:
+        data, lines = read_yaml(text, source)
+        problems, doc, tests = _checked(data, lines, source)
         raise PolicyError(problems)
+    del data, text
     rules = tuple(_build_rule(i, r, lines) for i, r in enumerate(doc.get("rules") or []))
     audit_path = (doc.get("audit") or {}).get("path")
     if audit_path is not None and base is not None and not os.path.isabs(audit_path):
         audit_path = str(base / audit_path)  # relative to the policy file, not to wherever we run
     enforcement = doc.get("enforcement", "enforce")
-    return Policy(
-        source=source,
-        hash=hashlib.sha256(raw).hexdigest(),
-        version=doc["version"],
-        tenant=doc.get("tenant", "default"),
-        default=doc["default"],
-        enforcement=enforcement,
-        rules=rules,
-        tests=tests,
-        audit_path=audit_path,
-        compiled=compile_rules(rules, doc["default"], enforcement),
-        ids=_build_ids(doc.get("ids"), lines),
-        limits=_build_limits(doc.get("limits")),
-    )
+    fields = {
+        "source": source,
+        "hash": hashlib.sha256(raw).hexdigest(),
+        "version": doc["version"],
+        "tenant": doc.get("tenant", "default"),
+        "default": doc["default"],
+        "enforcement": enforcement,
+        "rules": rules,
+        "tests": tests,
+        "audit_path": audit_path,
+        "ids": _build_ids(doc.get("ids"), lines),
+        "limits": _build_limits(doc.get("limits")),
+    }
+    return fields  # the document and its lines go here: some 10 MB at 10,000 rules
+
+
+def _checked(data: Any, lines: Lines, source: str) -> tuple[list[Problem], Any, tuple[PolicyTest, ...]]:
+    """Every problem of the document (schema, semantic, tests), the normalised document and the tests."""
+    problems, doc = schema.validate(data, lines, source)
+    if not isinstance(doc, dict):
+        return problems or [Problem(source, 1, "", "not a policy")], doc, ()
+    problems += _semantic(doc, lines, source)
+    tests, test_problems = _build_tests(doc, lines, source)
+    return problems + test_problems, doc, tests
 
 
 def _semantic(doc: dict[str, Any], lines: Lines, source: str) -> list[Problem]:
@@ -518,8 +540,12 @@ def _globs(values: list[str] | None) -> GlobSet | None:
     return None if values is None else GlobSet.compile(values)
 
 
+_NO_CONDITIONS = Conditions()  # one for every rule without a `when` (frozen: safely shared)
+
+
 def _conditions(d: dict[str, Any] | None) -> Conditions:
-    d = d or {}
+    if not d:
+        return _NO_CONDITIONS
     obj = d.get("object")
     return Conditions(
         uid=_ids(d.get("uid")),
@@ -551,16 +577,29 @@ def _conditions(d: dict[str, Any] | None) -> Conditions:
     )
 
 
+# A rule's slots, one frozenset per distinct set (rules share a handful: [write], [all], ...); likewise
+# its ops as written and its effect.
+_SLOT_SETS: dict[frozenset[int], frozenset[int]] = {}
+_SHARED: dict[Any, Any] = {}
+
+
+def _shared(value: Any) -> Any:
+    if len(_SHARED) > 4096:  # generated ops lists are a handful; anything else is not worth keeping
+        _SHARED.clear()
+    return _SHARED.setdefault(value, value)
+
+
 def _build_rule(index: int, d: dict[str, Any], lines: Lines) -> Rule:
     slots: frozenset[int] = frozenset()
     for op in d["ops"]:
         slots |= model.op_slots(op) or frozenset()
+    slots = _SLOT_SETS.setdefault(slots, slots)
     deny = d["effect"] == "deny"
     errno = names.errno_from_name(d.get("errno", "EACCES")) if deny else 0
     return Rule(
         id=d["id"],
-        effect=d["effect"],
-        ops=tuple(d["ops"]),
+        effect=_shared(d["effect"]),
+        ops=_shared(tuple(_shared(op) for op in d["ops"])),
         slots=slots,
         paths=_globs(d.get("paths")),
         except_=_globs(d.get("except")),

@@ -28,6 +28,14 @@ _OPTIONS.log_errors = False  # errors are raised to the caller; RE2's own log wo
 
 MatchError = re2.error
 
+# A program from a source this short is compiled when first used, not when built: it cannot fail. RE2 fails
+# only past its memory budget (8 MiB, some 350,000 instructions), and the sources gateway.rules.globs writes
+# have no counted repetition, so their programs stay within a few instructions per source character (a
+# dense negated class of 50 characters: some 30). A 10,000-rule policy builds 30,000 programs that serving
+# never runs (a request meets a handful), each some kilobytes of RE2 state and 40 us to compile; longer
+# sources are compiled at once, so the one error RE2 can raise is still the loader's, with its line.
+LAZY_MAX = 4096
+
 
 def literal(char: str) -> str:
     """RE2 source matching exactly ``char``: alphanumerics as they are, anything else as ``\\x{HEX}``."""
@@ -39,21 +47,37 @@ def _encode(text: str) -> bytes:
 
 
 class Matcher:
-    """One RE2 program; ``fullmatch(text)`` is not None exactly when the whole text matches."""
+    """One RE2 program; ``fullmatch(text)`` is not None exactly when the whole text matches.
+
+    A source of at most LAZY_MAX characters is compiled at its first use (``compiled`` says whether it
+    has been); a longer one at once, so that a source RE2 refuses raises MatchError here."""
 
     __slots__ = ("_rx", "pattern")
 
     def __init__(self, pattern: str) -> None:
         self.pattern = pattern
-        self._rx = re2.compile(pattern, _OPTIONS)
+        self._rx = re2.compile(pattern, _OPTIONS) if len(pattern) > LAZY_MAX else None
+
+    def _program(self) -> re2._Regexp:
+        rx = self._rx
+        if rx is None:
+            rx = self._rx = re2.compile(self.pattern, _OPTIONS)
+        return rx
 
     def fullmatch(self, text: str) -> object | None:
-        return self._rx.fullmatch(_encode(text))
+        rx = self._rx
+        if rx is None:
+            rx = self._program()
+        return rx.fullmatch(_encode(text))
+
+    @property
+    def compiled(self) -> bool:
+        return self._rx is not None
 
     @property
     def program_size(self) -> int:
         """RE2's instruction count: matching costs at most this many steps per byte of text."""
-        return int(self._rx.programsize)
+        return int(self._program().programsize)
 
     def __reduce__(self) -> tuple[type, tuple[str]]:  # audit filters are pickled into worker processes
         return Matcher, (self.pattern,)

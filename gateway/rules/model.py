@@ -245,7 +245,7 @@ class Conditions:
         return cached
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Rule:
     id: str
     effect: str  # "allow" | "deny"

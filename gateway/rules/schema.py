@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from typing import Any
 
 from gateway import names
@@ -367,17 +368,103 @@ def _leaves(errs: Any) -> list[Any]:
     return out
 
 
+# The whole document minus the rules' own schema: each rule is validated on its own (see validate).
+_POLICY_SHELL = {**POLICY, "rules": {"type": "list", "nullable": True}}
+_RULE_KEYS = frozenset(RULE["schema"]) - {"when", "unless"}
+_RULE_ID = re.compile(RULE_ID_RE + "$")  # as Cerberus's `regex` rule compiles it (a match, '$' added)
+
+
+def _listify(value: Any) -> list[Any] | None:
+    """The `coerce: listify` of a value the quick check takes: a non-empty list, or one text."""
+    if type(value) is list:
+        return value if value else None
+    return [value] if type(value) is str else None
+
+
+def _quick_rule(rule: Any) -> dict[str, Any] | None:
+    """The normalised rule when Cerberus would accept it unchanged but for listify, else None (then
+    Cerberus itself validates it and words every problem). Only the plain shape is taken: no `when` or
+    `unless`, every value of the exact type the schema asks for, each value checked by the same hook
+    Cerberus calls. Cerberus on 10,000 rules took 2 s of a 4 s load; this check, 0.1 s."""
+    if type(rule) is not dict or not rule.keys() <= _RULE_KEYS:
+        return None
+    rid, effect, ops = rule.get("id"), rule.get("effect"), _listify(rule.get("ops"))
+    if type(rid) is not str or not rid or _RULE_ID.match(rid) is None:
+        return None
+    if effect not in ("allow", "deny") or type(effect) is not str or ops is None:
+        return None
+    if any(type(op) is not str or model.op_slots(op) is None for op in ops):
+        return None
+    listified = {"ops": ops} if ops is not rule["ops"] else {}
+    for key in ("paths", "except"):
+        if key in rule:
+            pats = _listify(rule[key])
+            if pats is None or any(type(p) is not str or not p or globs.check_pattern(p) is not None
+                                   for p in pats):
+                return None
+            if pats is not rule[key]:
+                listified[key] = pats
+    if "description" in rule and type(rule["description"]) is not str:
+        return None
+    if "enforce" in rule and rule["enforce"] != "always":
+        return None
+    if "errno" in rule:
+        errno = rule["errno"]
+        if type(errno) is int:
+            if not 0 < errno < 4096:
+                return None
+        elif type(errno) is str:
+            try:
+                names.errno_from_name(errno)
+            except ValueError:
+                return None
+        else:
+            return None
+    return {**rule, **listified} if listified else rule  # unchanged: the very dict (no copy of 10,000)
+
+
 def validate(data: Any, lines: dict[tuple[Any, ...], int], source: str) -> tuple[list[model.Problem], Any]:
-    """Problems (empty when valid) and the normalised document."""
+    """Problems (empty when valid) and the normalised document.
+
+    The document without its rules goes through Cerberus once; then each rule on its own: the quick
+    check (_quick_rule) takes the plain ones, and Cerberus validates the rest, its errors placed where
+    they are in the whole document (``rules[i]...``), so the messages are the ones a whole-document pass
+    gave."""
     if not isinstance(data, dict):
         return [model.Problem(source, 1, "", "a policy is a mapping with version, default, rules...")], data
-    validator = PolicyValidator(POLICY)
+    validator = PolicyValidator(_POLICY_SHELL)
     validator.validate(data)
+    leaves = _leaves(validator._errors)
+    rules = data.get("rules")
+    normalised: list[Any] | None = None
+    if type(rules) is list:
+        normalised = []
+        one = None  # made for the first rule that needs it: checking RULE itself leaves 2.5 MB of cycles
+        for i, rule in enumerate(rules):
+            quick = _quick_rule(rule)
+            if quick is not None:
+                normalised.append(quick)
+                continue
+            if one is None:
+                one = PolicyValidator({"rule": RULE})
+            one.validate({"rule": rule})
+            for err in _leaves(one._errors):
+                err.document_path = ("rules", i, *tuple(err.document_path)[1:])
+                leaves.append(err)
+            normalised.append(one.document.get("rule", rule))
     problems = []
-    for err in _leaves(validator._errors):
+    for err in leaves:
         path, message = _message(err)
         # An unknown key is reported on its own line but named by the mapping it is in: the key itself is
         # already quoted in the message ("rules[0]: unknown field 'pathz'").
         field_path = path[:-1] if err.code == errors.UNKNOWN_FIELD.code else path
         problems.append(model.Problem(source, line_of(path, lines), format_field(field_path, data), message))
-    return problems, validator.document if not problems else data
+    doc = dict(validator.document) if not problems else data
+    if normalised is not None and not problems:
+        doc["rules"] = normalised
+    # Cerberus's validators hold each other in cycles, and the document with them; the loader runs with
+    # the collector paused, so they would keep the whole parse alive until it ends.
+    for v in (validator, one if normalised is not None else None):
+        if v is not None:
+            v.__dict__.clear()
+    return problems, doc
