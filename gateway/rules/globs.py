@@ -22,6 +22,7 @@ which is what deciding an alias (a symlink, a renamed directory) needs.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -325,30 +326,36 @@ class Placement:
         return self.regex.fullmatch(path) is not None or self.reach.fullmatch(_below(path)) is not None
 
 
-# RE2 programs by source, while a policy loads (see compile_cache): the schema compiles each pattern to
-# check it, and the rule built from it needs the same programs again.
-_compiled: dict[str, Matcher] | None = None
-_placed: dict[str, Placement] | None = None  # likewise, whole placements by brace-free pattern
-_components: dict[str, str] | None = None  # and the literal components of their prefixes
+class _LoadCaches(threading.local):
+    """RE2 programs by source, while a policy loads (see compile_cache): the schema compiles each pattern
+    to check it, and the rule built from it needs the same programs again. Per thread: a SIGHUP reload
+    loads in its own thread (gateway.reload_worker) while the serve loop's decisions build matchers."""
+
+    compiled: dict[str, Matcher] | None = None
+    placed: dict[str, Placement] | None = None  # likewise, whole placements by brace-free pattern
+    components: dict[str, str] | None = None  # and the literal components of their prefixes
+
+
+_load = _LoadCaches()
 
 
 @contextlib.contextmanager
 def compile_cache() -> Iterator[None]:
     """Within this block, a glob's RE2 programs are compiled once (they are immutable, so shared); the
     cache goes when the outermost block ends, so nothing outlives the load that built it."""
-    global _compiled, _placed, _components
-    outer = _compiled is not None
+    load = _load
+    outer = load.compiled is not None
     if not outer:
-        _compiled, _placed, _components = {}, {}, {}
+        load.compiled, load.placed, load.components = {}, {}, {}
     try:
         yield
     finally:
         if not outer:
-            _compiled = _placed = _components = None
+            load.compiled = load.placed = load.components = None
 
 
 def _matcher(source: str) -> Matcher:
-    cache = _compiled
+    cache = _load.compiled
     if cache is not None and (hit := cache.get(source)) is not None:
         return hit
     try:
@@ -361,7 +368,7 @@ def _matcher(source: str) -> Matcher:
 
 
 def placement(pattern: str) -> Placement:
-    cache = _placed
+    cache = _load.placed
     if cache is not None and (hit := cache.get(pattern)) is not None:
         return hit
     place = _placement(pattern)
@@ -377,8 +384,9 @@ def _placement(pattern: str) -> Placement:
     if not pattern.startswith("/"):
         return Placement((), "glob", pattern)
     parts = pattern[1:].split("/") if pattern != "/" else []
-    if _components is not None:  # "home" once, not once per rule under /home
-        parts = [_components.setdefault(c, c) for c in parts]
+    components = _load.components
+    if components is not None:  # "home" once, not once per rule under /home
+        parts = [components.setdefault(c, c) for c in parts]
     prefix: list[str] = []
     for idx, part in enumerate(parts):
         if has_special(part):
