@@ -160,7 +160,14 @@ class Device:
                     if queue.pending():  # one that arrived while avail_event was published
                         continue
                     break
-                reply = self.fs.handle(decode(chain.read_all()))
+                request = decode(chain.read_all())
+                try:
+                    reply = self.fs.handle(request)
+                except Exception:
+                    # A bug of ours must not take the guest's file system down with it: this request
+                    # fails (EIO), the loop goes on, and the log says what happened.
+                    log.exception("virtiofs: serving %r", request)
+                    reply = reply_error(request.unique, errno.EIO)
                 written = 0
                 if reply is not None:
                     try:

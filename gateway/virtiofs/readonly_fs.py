@@ -54,25 +54,28 @@ class ReadOnlyFs:
             return enc.reply_error(req.unique, req.errno) if req.reply else None
         try:
             return self._dispatch(req)
-        except OSError as exc:
+        except (OSError, OverflowError, ValueError) as exc:
+            # A guest value a system call cannot take (an offset past 2**63, say) is EINVAL, as the
+            # kernel would say; nothing a guest sends may end the back-end.
             if isinstance(req, r.Forget | r.BatchForget):
                 return None
-            return enc.reply_error(req.unique, exc.errno or errno.EIO)
+            err = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EINVAL
+            return enc.reply_error(req.unique, err)
 
     def _dispatch(self, req: r.Request) -> bytes | None:
         if isinstance(req, r.Init):
             out = enc.negotiate_init(req, max_write=MAX_READ)
             self.initialized, self.flags = out.ok, out.flags
             return out.data
-        if not self.initialized:
-            return enc.reply_error(req.unique, errno.EIO)  # nothing before INIT (the kernel's own rule)
-        if isinstance(req, r.Forget):
+        if isinstance(req, r.Forget):  # never a reply, whatever the state
             self.inodes.forget(req.nodeid, req.nlookup)
             return None
         if isinstance(req, r.BatchForget):
             for nodeid, nlookup in req.forgets:
                 self.inodes.forget(nodeid, nlookup)
             return None
+        if not self.initialized:
+            return enc.reply_error(req.unique, errno.EIO)  # nothing before INIT (the kernel's own rule)
         if isinstance(req, r.Destroy):
             self.handles.close()
             self.inodes.close()
@@ -158,6 +161,8 @@ class ReadOnlyFs:
         handle = self.handles.get(req.fh, is_dir=False)
         if handle is None:
             return enc.reply_error(req.unique, errno.EBADF)
+        if req.offset >= 1 << 63:
+            return enc.reply_error(req.unique, errno.EINVAL)  # loff_t is signed
         data = os.pread(handle.fd, min(req.size, MAX_READ), req.offset)
         handle.bytes_read += len(data)
         return enc.reply(req.unique, data)
