@@ -368,3 +368,48 @@ def test_cli_serves_over_a_named_socket(tmp_path: Path, export: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_cli_serves_an_inherited_listening_socket(tmp_path: Path, export: Path) -> None:
+    """--fd, as libvirt starts virtiofsd: the socket is bound and listening before the back-end runs."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "inherited.sock"))
+    listener.listen(1)
+    fd = listener.fileno()
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "virtiofsd", f"--fd={fd}",
+                             f"--shared-dir={export}"], pass_fds=[fd], stderr=subprocess.PIPE, text=True)
+    listener.close()
+    try:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(str(tmp_path / "inherited.sock"))
+        q = FakeQemu(sock)
+        q.start()
+        assert q.fuse(Op.INIT, abi.INIT_IN.pack(7, 38, 0, 0, 0))[0] == 0
+        assert q.fuse(Op.STATFS)[0] == 0
+        q.close()
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_too_many_fds_on_one_message_end_the_connection(tmp_path: Path, export: Path) -> None:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    root_fd = os.open(export, os.O_PATH | os.O_DIRECTORY)
+    proc_fd = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY)
+    fs = ReadOnlyFs(root_fd, proc_fd)
+    device = Device(fs)
+    extra = [os.eventfd(0) for _ in range(12)]
+    try:
+        socket.send_fds(ours, [message(Req.GET_FEATURES)], extra)
+        assert "too many fds" in daemon.serve_connection(theirs, device)
+    finally:
+        for fd in extra:
+            os.close(fd)
+        device.close()
+        fs.close()
+        for s in (ours, theirs):
+            s.close()
+        os.close(root_fd)
+        os.close(proc_fd)

@@ -55,9 +55,15 @@ def serve_connection(conn: socket.socket, device: Device) -> str:
         for fd, mask in poller.poll():
             if fd == conn.fileno():
                 try:
-                    data, fds, _flags, _addr = socket.recv_fds(conn, RECV_SIZE, MAX_FDS)
+                    data, fds, flags, _addr = socket.recv_fds(conn, RECV_SIZE, MAX_FDS)
                 except OSError as exc:
                     return f"control socket: {exc}"
+                if flags & socket.MSG_CTRUNC:
+                    # More fds than any message carries: some were dropped by the kernel, so the
+                    # message they came with cannot be served as sent.
+                    for fd in fds:
+                        os.close(fd)
+                    return "control socket: too many fds on one message"
                 reply = device.control(data, fds)
                 if reply:
                     conn.sendall(reply)
