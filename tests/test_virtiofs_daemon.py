@@ -28,6 +28,7 @@ from gateway.virtiofs.fuse_abi import Op
 from gateway.virtiofs.readonly_fs import ReadOnlyFs
 from gateway.virtiofs.vhost_user_abi import (
     DEVICE_FEATURES,
+    VHOST_USER_F_PROTOCOL_FEATURES,
     MemoryRegion,
     ProtocolFeature,
     Req,
@@ -413,3 +414,42 @@ def test_too_many_fds_on_one_message_end_the_connection(tmp_path: Path, export: 
             s.close()
         os.close(root_fd)
         os.close(proc_fd)
+
+
+def test_back_to_back_messages_keep_their_fds(export: Path) -> None:
+    """QEMU does not wait between messages that ask for no reply, so several sit in the socket at once,
+    the fd-carrying ones among them. Reading one message at a time is what keeps each fd with its
+    own message (a larger read would hand SET_VRING_KICK's fd over with SET_VRING_ADDR's bytes)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    q = FakeQemu(ours)
+    region = MemoryRegion(0, MEM_SIZE, UVA, 0)
+    no_protocol = DEVICE_FEATURES & ~VHOST_USER_F_PROTOCOL_FEATURES  # rings then start enabled
+    burst = [(Req.SET_FEATURES, u64(no_protocol), ()),
+             (Req.SET_MEM_TABLE, mem_table([region]), (q.memfd,))]
+    for i in (HIPRIO, REQUEST):
+        base = ring_base(i)
+        burst += [(Req.SET_VRING_NUM, vring_state(i, NUM), ()), (Req.SET_VRING_BASE, vring_state(i, 0), ()),
+                  (Req.SET_VRING_ADDR, vring_addr(i, UVA + base, UVA + base + 0x400, UVA + base + 0x200), ()),
+                  (Req.SET_VRING_KICK, u64(i), (q.kick[i],)), (Req.SET_VRING_CALL, u64(i), (q.call[i],))]
+    for request, payload, fds in burst:  # all queued before the back-end reads a byte
+        socket.send_fds(ours, [message(request, payload)], list(fds))
+    root_fd = os.open(export, os.O_PATH | os.O_DIRECTORY)
+    proc_fd = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY)
+    fs = ReadOnlyFs(root_fd, proc_fd)
+    device = Device(fs)
+    result: list[str] = []
+    thread = threading.Thread(target=lambda: result.append(daemon.serve_connection(theirs, device)))
+    thread.start()
+    try:
+        assert q.fuse(Op.INIT, abi.INIT_IN.pack(7, 36, 0, 0, 0))[0] == 0
+        assert q.fuse(Op.STATFS, q=REQUEST)[0] == 0
+    finally:
+        ours.shutdown(socket.SHUT_RDWR)
+        thread.join(10)
+        device.close()
+        fs.close()
+        theirs.close()
+        os.close(root_fd)
+        os.close(proc_fd)
+        q.close()
+    assert result and "closed" in result[0], result

@@ -286,3 +286,18 @@ def test_any_well_framed_messages_never_raise(msgs: list, ack_first: bool) -> No
             assert 0 <= e.index < b.num_queues
         if isinstance(e, vu.MemTableSet):
             assert len(e.regions) == len(e.fds) and all(r.memory_size for r in e.regions)
+
+
+def test_wanted_is_what_completes_the_current_message() -> None:
+    """The daemon reads exactly this much, so that one read never spans two messages (their fds)."""
+    b = vu.Backend()
+    msg = message(Req.SET_MEM_TABLE, abi.mem_table([REGION]))
+    assert b.wanted() == abi.HEADER.size
+    b.feed(msg[:5])
+    assert b.wanted() == abi.HEADER.size - 5
+    b.feed(msg[5:12])
+    assert b.wanted() == len(msg) - 12
+    b.feed(msg[12:-1], [7])
+    assert b.wanted() == 1
+    ev = b.feed(msg[-1:])
+    assert ev == [vu.MemTableSet((REGION,), (7,))] and b.wanted() == abi.HEADER.size

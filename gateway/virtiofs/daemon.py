@@ -16,10 +16,9 @@ import stat
 
 from gateway.virtiofs.device import Device
 from gateway.virtiofs.readonly_fs import ReadOnlyFs
-from gateway.virtiofs.vhost_user_abi import HEADER, MAX_FDS, MAX_PAYLOAD
+from gateway.virtiofs.vhost_user_abi import MAX_FDS
 
 log = logging.getLogger("gateway.virtiofs")
-RECV_SIZE = HEADER.size + MAX_PAYLOAD
 
 
 def listen(path: str) -> socket.socket:
@@ -55,7 +54,8 @@ def serve_connection(conn: socket.socket, device: Device) -> str:
         for fd, mask in poller.poll():
             if fd == conn.fileno():
                 try:
-                    data, fds, flags, _addr = socket.recv_fds(conn, RECV_SIZE, MAX_FDS)
+                    # One message at a time (Backend.wanted): that is how its fds stay with it.
+                    data, fds, flags, _addr = socket.recv_fds(conn, device.backend.wanted(), MAX_FDS)
                 except OSError as exc:
                     return f"control socket: {exc}"
                 if flags & socket.MSG_CTRUNC:

@@ -70,6 +70,10 @@ class Device:
             elif isinstance(event, vu.OwnerReset):
                 self._drop_rings()
                 self._drop_memory()
+            elif isinstance(event, vu.FeaturesSet):
+                log.info("features %#x (EVENT_IDX %s, INDIRECT_DESC %s)", event.features,
+                         "on" if event.features & VIRTIO_RING_F_EVENT_IDX else "off",
+                         "on" if event.features & VIRTIO_RING_F_INDIRECT_DESC else "off")
             elif isinstance(event, vu.Disconnect):
                 self.closed_reason = event.reason
         return bytes(out)

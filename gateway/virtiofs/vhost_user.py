@@ -181,6 +181,18 @@ class Backend:
             self._handle(request, flags, payload, msg_fds, events)
         return events
 
+    def wanted(self) -> int:
+        """How many more bytes complete the message being received (the header's, then the payload's).
+
+        The caller reads no more than this: a Unix stream socket delivers fds with the first read that
+        touches the message they were sent with, and one read spanning two messages would hand the
+        second's fds over with the first's bytes, where they cannot be told apart.
+        """
+        if len(self._buf) < HEADER.size:
+            return HEADER.size - len(self._buf)
+        size = HEADER.unpack_from(self._buf)[2]
+        return max(1, HEADER.size + min(size, MAX_PAYLOAD) - len(self._buf))
+
     def _take_fds(self, end: int) -> tuple[int, ...]:
         """The fds attached anywhere inside the message that ends at stream offset ``end``."""
         taken: list[int] = []
