@@ -2,12 +2,20 @@
 
 Three sans-IO layers, each driven by tests with bytes, none of which decides or performs anything:
 
-* ``vhost_user``: the control channel (QEMU's Unix socket): messages in, replies and events out;
+* ``vhost_user`` (with ``vhost_user_abi``): the control channel (QEMU's Unix socket): messages in,
+  replies and events out;
 * ``memory`` and ``virtqueue``: the guest's shared memory and the split virtqueues laid out in it;
-* ``fuse_abi``, ``fuse_decode``, ``fuse_encode``: the FUSE messages that travel in the queues, as
-  Linux 6.1's virtiofs client speaks them (protocol 7.36).
+* ``fuse_abi``, ``fuse_requests``, ``fuse_decode``, ``fuse_encode``: the FUSE messages that travel in
+  the queues, as Linux 6.1's virtiofs client speaks them (protocol 7.36).
 
-The file-system side (an inode table of O_PATH fds, the rules, the executor, the trail) sits above
-these, as it does for the 9p front-end: every decoded FUSE request is a typed value that can be mapped
-onto a rules request before anything is touched.
+Above them, the first back-end (``gateway virtiofsd``, read-only):
+
+* ``inodes``: the bounded inode table (O_PATH fds with their canonical paths) and open handles;
+* ``readonly_fs``: FUSE requests performed through the shared resolver (gateway.core.resolve);
+* ``device``: vhost-user events applied, queues served; ``daemon``: the socket and the poll loop;
+* ``cli``: virtiofsd's options.
+
+The policy, the trail and the sandbox come next, as for the 9p front-end: every decoded FUSE request is
+a typed value (``fuse_requests``) with its place in the rules' ops (``fuse_requests.RULES_OPS``), so it
+can be decided before anything is touched.
 """
