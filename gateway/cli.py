@@ -22,6 +22,7 @@ COMMANDS = {
     "audit": "review audit trails: filters, tables, summaries, follow, verify the hash chain",
     "inspect": "show a running gateway's confinement, read from /proc",
     "demo": "a scripted guest session against a real gateway, then its summary",
+    "virtiofsd": "serve a virtio-fs guest (vhost-user-fs; read-only, no policy yet)",
 }
 # Subcommands with an add_arguments(parser) / run(args) module, imported only when they run.
 MODULES = {
@@ -29,6 +30,7 @@ MODULES = {
     "check": "gateway.check",
     "inspect": "gateway.inspect",
     "demo": "gateway.demo",
+    "virtiofsd": "gateway.virtiofs.cli",
 }
 
 

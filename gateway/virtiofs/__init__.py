@@ -1,0 +1,21 @@
+"""The virtio-fs front-end: a vhost-user-fs backend (the device side of QEMU's vhost-user-fs-pci).
+
+Three sans-IO layers, each driven by tests with bytes, none of which decides or performs anything:
+
+* ``vhost_user`` (with ``vhost_user_abi``): the control channel (QEMU's Unix socket): messages in,
+  replies and events out;
+* ``memory`` and ``virtqueue``: the guest's shared memory and the split virtqueues laid out in it;
+* ``fuse_abi``, ``fuse_requests``, ``fuse_decode``, ``fuse_encode``: the FUSE messages that travel in
+  the queues, as Linux 6.1's virtiofs client speaks them (protocol 7.36).
+
+Above them, the first back-end (``gateway virtiofsd``, read-only):
+
+* ``inodes``: the bounded inode table (O_PATH fds with their canonical paths) and open handles;
+* ``readonly_fs``: FUSE requests performed through the shared resolver (gateway.core.resolve);
+* ``device``: vhost-user events applied, queues served; ``daemon``: the socket and the poll loop;
+* ``cli``: virtiofsd's options.
+
+The policy, the trail and the sandbox come next, as for the 9p front-end: every decoded FUSE request is
+a typed value (``fuse_requests``) with its place in the rules' ops (``fuse_requests.RULES_OPS``), so it
+can be decided before anything is touched.
+"""
