@@ -15,7 +15,6 @@ Above them, the first back-end (``gateway virtiofsd``, read-only):
 * ``device``: vhost-user events applied, queues served; ``daemon``: the socket and the poll loop;
 * ``cli``: virtiofsd's options.
 
-The policy, the trail and the sandbox come next, as for the 9p front-end: every decoded FUSE request is
-a typed value (``fuse_requests``) with its place in the rules' ops (``fuse_requests.RULES_OPS``), so it
-can be decided before anything is touched.
+* ``policy``: one policy for both front-ends: each FUSE request as the 9p request the rules decide, the
+  decision before anything is touched, the record in the trail before the reply.
 """

@@ -103,6 +103,7 @@ class Handle:
     is_dir: bool
     entries: list[tuple[bytes, int, int]] | None = None  # a directory's listing: (name, ino, DT_*)
     bytes_read: int = 0
+    bytes_written: int = 0
 
 
 class HandleTable:
