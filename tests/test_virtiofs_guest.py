@@ -108,7 +108,9 @@ def _boot(backend: list[str], tmp: Path, script: str) -> tuple[dict[str, harness
     initrd = _initramfs(tmp / "initrd.gz", tmp, md5, script)
     sock = tmp / "vfs.sock"
     log = (tmp / "backend.log").open("w+")
-    back = subprocess.Popen([*backend, f"--socket-path={sock}", "-o", f"source={export}", "-o", "cache=none"],
+    extra = [f"--audit-log={tmp / 'trail.jsonl'}"] if backend is GATEWAY else []
+    back = subprocess.Popen([*backend, f"--socket-path={sock}", "-o", f"source={export}", "-o", "cache=none",
+                             *extra],
                             stdout=log, stderr=subprocess.STDOUT, cwd=harness.REPO)
     try:
         deadline = time.monotonic() + 15

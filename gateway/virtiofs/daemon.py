@@ -13,10 +13,18 @@ import os
 import select
 import socket
 import stat
+from typing import TYPE_CHECKING
 
+from gateway import __version__
+from gateway.endpoint import peer_credentials
 from gateway.virtiofs.device import Device
+from gateway.virtiofs.policy import Gate
 from gateway.virtiofs.readonly_fs import ReadOnlyFs
 from gateway.virtiofs.vhost_user_abi import MAX_FDS
+
+if TYPE_CHECKING:
+    from gateway.audit import AuditWriter
+    from gateway.rules import Policy
 
 log = logging.getLogger("gateway.virtiofs")
 
@@ -76,15 +84,29 @@ def serve_connection(conn: socket.socket, device: Device) -> str:
     return device.closed_reason or "done"
 
 
-def run(shared_dir: str, sock: socket.socket) -> int:
-    """Accept one front-end on the listening ``sock`` and serve ``shared_dir`` to it, read-only."""
-    root_fd = os.open(shared_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+def run(shared_dir: str, sock: socket.socket, *, policy: Policy | None = None, policy_source: str = "",
+        trail: AuditWriter | None = None) -> int:
+    """Accept one front-end on the listening ``sock`` and serve ``shared_dir`` to it, read-only; with a
+    policy, every request decided by it (and recorded in ``trail``, which this closes)."""
+    export = os.path.abspath(shared_dir)
+    root_fd = os.open(export, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     proc_fd = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    fs = ReadOnlyFs(root_fd, proc_fd)
+    gate = Gate(policy, trail) if policy is not None else None
+    fs = ReadOnlyFs(root_fd, proc_fd, gate=gate)
+    reason = "not started"
     try:
+        if trail is not None and policy is not None:
+            if not trail.lifecycle("start", version=__version__, frontend="virtiofs", export=export,
+                                   policy_source=policy_source, endpoint=_describe(sock)):
+                log.critical("refusing to serve: the start record cannot be written")
+                return 1
+            trail.lifecycle("policy-load", source=policy_source, rules=len(policy.rules),
+                            enforcement=policy.enforcement)
         log.info("waiting for a vhost-user front-end")
         conn, _ = sock.accept()
         sock.close()
+        if trail is not None:
+            trail.lifecycle("session", session=1, peer=peer_credentials(conn))
         device = Device(fs)
         try:
             with conn:
@@ -97,3 +119,15 @@ def run(shared_dir: str, sock: socket.socket) -> int:
         fs.close()
         os.close(proc_fd)
         os.close(root_fd)
+        if trail is not None:
+            trail.lifecycle("stop", reason=reason, decided=gate.decided if gate else 0,
+                            denied=gate.denied if gate else 0, sessions=1)
+            trail.close()
+
+
+def _describe(sock: socket.socket) -> str:
+    try:
+        name = sock.getsockname()
+    except OSError:
+        return f"fd {sock.fileno()}"
+    return name if isinstance(name, str) and name else f"fd {sock.fileno()}"
