@@ -38,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]",
                         help="C virtiofsd's options: source=DIR; the others are reported 'not yet'")
     parser.add_argument("--print-capabilities", action="store_true", help="print the JSON libvirt probes for")
-    parser.add_argument("--readonly", action="store_true", help="read-only (this version always is)")
+    parser.add_argument("--readonly", action="store_true",
+                        help="serve read-only: every change is decided, recorded and refused (EROFS)")
     parser.add_argument("-f", "--foreground", action="store_true", help="accepted: it always runs in front")
     parser.add_argument("-d", "--debug", action="store_true", help="log each step on stderr")
     parser.add_argument("--log-level", choices=sorted(_LEVELS), default="info", help="what goes to stderr")
@@ -64,8 +65,8 @@ def _dest(name: str) -> str:
 
 
 def _not_yet(what: str) -> None:
-    print(f"gateway virtiofsd: {what}: accepted, not yet acted on (this version serves read-only, "
-          "with its policy and trail, without the sandbox yet)", file=sys.stderr)
+    print(f"gateway virtiofsd: {what}: accepted, not yet acted on (this version serves without "
+          "the sandbox yet)", file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -129,4 +130,5 @@ def run(args: argparse.Namespace) -> int:
         trail.lifecycle("stop", reason=f"socket: {exc}")
         trail.close()
         return 1
-    return daemon.run(shared, sock, policy=policy, policy_source=str(policy_path), trail=trail)
+    return daemon.run(shared, sock, policy=policy, policy_source=str(policy_path), trail=trail,
+                      readonly=args.readonly)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from gateway import __version__
 from gateway.endpoint import peer_credentials
 from gateway.virtiofs.device import Device
+from gateway.virtiofs.export_fs import ExportFs
 from gateway.virtiofs.policy import Gate
 from gateway.virtiofs.readonly_fs import ReadOnlyFs
 from gateway.virtiofs.vhost_user_abi import MAX_FDS
@@ -85,18 +86,20 @@ def serve_connection(conn: socket.socket, device: Device) -> str:
 
 
 def run(shared_dir: str, sock: socket.socket, *, policy: Policy | None = None, policy_source: str = "",
-        trail: AuditWriter | None = None) -> int:
-    """Accept one front-end on the listening ``sock`` and serve ``shared_dir`` to it, read-only; with a
-    policy, every request decided by it (and recorded in ``trail``, which this closes)."""
+        trail: AuditWriter | None = None, readonly: bool = True) -> int:
+    """Accept one front-end on the listening ``sock`` and serve ``shared_dir`` to it (read-only unless
+    ``readonly`` is False); with a policy, every request decided by it (and recorded in ``trail``, which
+    this closes)."""
     export = os.path.abspath(shared_dir)
     root_fd = os.open(export, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     proc_fd = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     gate = Gate(policy, trail) if policy is not None else None
-    fs = ReadOnlyFs(root_fd, proc_fd, gate=gate)
+    fs = ReadOnlyFs(root_fd, proc_fd, gate=gate) if readonly else ExportFs(root_fd, proc_fd, gate=gate)
     reason = "not started"
     try:
         if trail is not None and policy is not None:
             if not trail.lifecycle("start", version=__version__, frontend="virtiofs", export=export,
+                                   readonly=readonly,
                                    policy_source=policy_source, endpoint=_describe(sock)):
                 log.critical("refusing to serve: the start record cannot be written")
                 return 1

@@ -240,6 +240,16 @@ class Gate:
                 return False
         return True
 
+    def refused(self, err: int, rule: str, reason: str) -> None:
+        """The last allowed request refused after all, by the id map (as the 9p server's Refused)."""
+        last = self.pending[-1]
+        last.decision = last.decision._replace(outcome="deny", rule=rule, reason=reason, errno=err)
+        self.denied += 1
+
+    def note(self, **fields: Any) -> None:
+        """More fields for the last decision's record (host_uid and host_gid under an id map)."""
+        self.pending[-1].extra.update(fields)
+
     def finish(self, result: int) -> bool:
         """Record every request decided for this FUSE request, with the errno its reply carries (0: ok).
         False: a record could not be written, and the reply must not be sent as it is (EIO instead)."""

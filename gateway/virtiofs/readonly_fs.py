@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Callable
 
 from gateway import protocol as p
 from gateway.core.resolve import Resolver
@@ -39,6 +40,9 @@ MAX_READ = 1 << 20
 
 
 class ReadOnlyFs:
+    HANDLERS: dict[type, Callable[..., bytes | None]]  # set below the class (ExportFs: more)
+    DECIDED_ON_INODE: frozenset[type] = _DECIDED_ON_INODE
+
     def __init__(self, root_fd: int, proc_fd: int, *, max_inodes: int = 1 << 16,
                  max_handles: int = 4096, gate: Gate | None = None) -> None:
         self.gate = gate  # the policy and the trail (gateway.virtiofs.policy); None: neither
@@ -117,18 +121,18 @@ class ReadOnlyFs:
             self.inodes.close()
             self.initialized = False
             return enc.reply(req.unique)
-        if isinstance(req, _NOT_SERVED):
+        handler = self.HANDLERS.get(type(req))
+        if handler is None and isinstance(req, _NOT_SERVED):
             return enc.reply_error(req.unique, errno.ENOSYS)
         inode = self.inodes.get(req.nodeid)
         if inode is None:
             return enc.reply_error(req.unique, errno.ESTALE)
-        if isinstance(req, _WRITES):
+        if handler is None and isinstance(req, _WRITES):
             self._check_write(req, inode)  # decided (and recorded) even though read-only refuses it
             return enc.reply_error(req.unique, errno.EROFS)
-        handler = _HANDLERS.get(type(req))
         if handler is None:
             return enc.reply_error(req.unique, errno.ENOSYS)
-        if type(req) in _DECIDED_ON_INODE:
+        if type(req) in self.DECIDED_ON_INODE:
             self._check_inode(req, inode)
         return handler(self, req, inode)
 
@@ -160,18 +164,21 @@ class ReadOnlyFs:
             self._check_inode(req, inode)
 
     # --- names ---------------------------------------------------------------------------------------
-    def _lookup(self, parent: Inode, name: bytes,
-                req: r.Request | None = None) -> tuple[Inode, os.stat_result]:
+    def _lookup(self, parent: Inode, name: bytes, req: r.Request | None = None, *,
+                check: bool = True) -> tuple[Inode, os.stat_result]:
         """One lookup of parent/name. With a gate, decided as an lstat of the path it resolved to: as the
         FUSE request ``req`` (a deny raises Denied, the record follows the reply), or for READDIRPLUS
-        (``req`` None) quietly, a denied entry then being left for the guest to LOOKUP (and be refused)."""
+        (``req`` None) quietly, a denied entry then being left for the guest to LOOKUP (and be refused).
+        ``check`` False: the entry a decided request has just made (MKDIR's, CREATE's), not decided again."""
         if name in (b".", b".."):
             # Only the guest's NFS export code asks for these (FUSE_EXPORT_SUPPORT, not negotiated).
             raise OSError(errno.ENOENT, "no '.' or '..' lookups")
+        if parent.removed:
+            raise OSError(errno.ENOENT, "the directory was removed")
         path = parent.path.rstrip(b"/") + b"/" + name
         res = self.resolver.nofollow(path)
         try:
-            gate = self.gate
+            gate = self.gate if check else None  # (not for the entry a decided create made)
             if gate is not None:
                 if req is not None:
                     gate.check(p.Lstat(res.path), res.stat)
@@ -327,3 +334,4 @@ _HANDLERS = {
     r.Releasedir: ReadOnlyFs.release,
     r.Fsyncdir: ReadOnlyFs.flush,
 }
+ReadOnlyFs.HANDLERS = _HANDLERS
