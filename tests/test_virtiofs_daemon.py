@@ -366,7 +366,7 @@ def test_cli_serves_over_a_named_socket(tmp_path: Path, export: Path) -> None:
         assert proc.wait(10) == 0
         stderr = proc.stderr.read() if proc.stderr else ""
         assert "-o cache=none: accepted, not yet acted on" in stderr
-        assert "--sandbox: accepted, not yet acted on" in stderr
+        assert "--sandbox: accepted" not in stderr and "no chroot" in stderr  # acted on
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -440,6 +440,49 @@ def test_cli_decides_by_the_policy_and_keeps_the_trail(tmp_path: Path, export: P
                           "--shared-dir", str(export), "--policy", str(tmp_path / "none.yaml")],
                          capture_output=True, text=True)
     assert bad.returncode == 1 and "refusing to serve" in bad.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chroot, capabilities)")
+def test_cli_is_confined_before_qemu_connects(tmp_path: Path, export: Path) -> None:
+    """chroot, the six capabilities (no CAP_MKNOD: regular files and FIFOs only), no_new_privs and the
+    filter are in place while it waits for QEMU, `gateway inspect` says so, and it serves so confined."""
+    path, trail = tmp_path / "vfs.sock", tmp_path / "trail.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "virtiofsd", "--socket-path", str(path),
+                             "--shared-dir", str(export), "--audit-log", str(trail)],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(200):
+            if path.exists() and trail.exists() and '"start"' in trail.read_text():
+                break
+            select.select([], [], [], 0.05)
+        status = {k: v.strip() for k, _, v in (line.partition(":") for line in
+                                                 Path(f"/proc/{proc.pid}/status").read_text().splitlines())}
+        six = sum(1 << c for c in (0, 1, 3, 4, 6, 7))  # chown dac_override fowner fsetid setgid setuid
+        assert int(status["CapEff"], 16) == six and int(status["CapBnd"], 16) == six
+        assert status["NoNewPrivs"] == "1" and status["Seccomp"] == "2"
+        assert os.readlink(f"/proc/{proc.pid}/root") == str(export)
+        out = subprocess.run([sys.executable, "-m", "gateway", "inspect", str(proc.pid)],
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0 and "confinement holds" in out.stdout, out.stdout + out.stderr
+        assert "mknod" not in out.stdout
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(str(path))
+        q = FakeQemu(sock)
+        q.start()
+        assert q.fuse(Op.INIT, abi.INIT_IN.pack(7, 36, 0, 0, 0))[0] == 0
+        _, nodeid, _ = lookup(q, b"hello.txt")
+        assert read_file(q, nodeid) == (0, b"hello, guest\n")
+        assert q.fuse(Op.MKDIR, abi.MKDIR_IN.pack(0o755, 0) + b"made\0")[0] == 0
+        q.close()
+        assert proc.wait(10) == 0, proc.stderr.read() if proc.stderr else ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert (export / "made").is_dir()
+    start = next(json.loads(line) for line in trail.read_text().splitlines() if '"start"' in line)
+    assert start["sandbox"]["chroot"] == str(export) and start["sandbox"]["seccomp"] == "kill"
+    assert "mknod" not in start["sandbox"]["capabilities"]
 
 
 def test_too_many_fds_on_one_message_end_the_connection(tmp_path: Path, export: Path) -> None:

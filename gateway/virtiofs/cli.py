@@ -18,7 +18,7 @@ import sys
 # What QEMU 7.2's C virtiofsd prints for --print-capabilities (libvirt probes with it).
 CAPABILITIES = {"type": "fs"}
 # Options accepted with a value, or as flags, that do nothing yet.
-_NOT_YET_VALUED = ("--sandbox", "--seccomp", "--cache", "--translate-uid", "--translate-gid",
+_NOT_YET_VALUED = ("--cache", "--translate-uid", "--translate-gid",
                    "--thread-pool-size", "--socket-group", "--rlimit-nofile", "--modcaps",
                    "--inode-file-handles", "--xattrmap", "--uid-map", "--gid-map")
 _LEVELS = {"off": logging.CRITICAL + 1, "error": logging.ERROR, "warn": logging.WARNING, "info": logging.INFO,
@@ -54,6 +54,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fsync after every record, at most once a second (default), or never")
     parser.add_argument("--audit-syslog", action="store_true", help="also send each record to /dev/log")
     parser.add_argument("--audit-seal-key", help="seal the trail's checkpoints with this forward-secure key")
+    parser.add_argument("--sandbox", choices=["namespace", "chroot", "none"], default="chroot",
+                        help="chroot into the shared directory (namespace: the same, said on stderr); none: "
+                        "no chroot, every other wall stands")
+    parser.add_argument("--seccomp", choices=["kill", "trap", "log", "errno", "none"], default="kill",
+                        help="the system-call filter's action for a forbidden call (default kill)")
+    parser.add_argument("--no-landlock", dest="landlock", action="store_false",
+                        help="do not apply Landlock (the other walls stand)")
     for name in _NOT_YET_VALUED:
         parser.add_argument(name, dest=_dest(name), help="accepted, not yet acted on")
     for name in _NOT_YET_FLAGS:
@@ -65,8 +72,7 @@ def _dest(name: str) -> str:
 
 
 def _not_yet(what: str) -> None:
-    print(f"gateway virtiofsd: {what}: accepted, not yet acted on (this version serves without "
-          "the sandbox yet)", file=sys.stderr)
+    print(f"gateway virtiofsd: {what}: accepted, not yet acted on", file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -130,5 +136,19 @@ def run(args: argparse.Namespace) -> int:
         trail.lifecycle("stop", reason=f"socket: {exc}")
         trail.close()
         return 1
+    if args.sandbox == "namespace":
+        print("gateway virtiofsd: --sandbox namespace: no namespaces here; the chroot, capabilities, "
+              "no_new_privs, Landlock and the filter are applied", file=sys.stderr)
+    if args.seccomp == "none":
+        print("gateway virtiofsd: WARNING: --seccomp none: serving WITHOUT the system-call filter",
+              file=sys.stderr)
+    from gateway.sandbox import VIRTIOFS_CAPABILITIES, SandboxConfig
+    from gateway.seccomp_filter import VIRTIOFS_EXTRA
+
+    config = SandboxConfig(
+        os.path.abspath(shared), seccomp=args.seccomp, landlock=args.landlock,
+        capabilities=dict(VIRTIOFS_CAPABILITIES), extra_syscalls=VIRTIOFS_EXTRA,
+        chroot=args.sandbox != "none",
+    )  # fmt: skip
     return daemon.run(shared, sock, policy=policy, policy_source=str(policy_path), trail=trail,
-                      readonly=args.readonly)
+                      readonly=args.readonly, sandbox=config)

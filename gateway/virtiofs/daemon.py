@@ -13,10 +13,14 @@ import os
 import select
 import socket
 import stat
+import sys
 from typing import TYPE_CHECKING
 
-from gateway import __version__
+from gateway import __version__, landlock
 from gateway.endpoint import peer_credentials
+from gateway.logfmt import kv
+from gateway.sandbox import SandboxConfig, confine
+from gateway.serve import release_startup_memory
 from gateway.virtiofs.device import Device
 from gateway.virtiofs.export_fs import ExportFs
 from gateway.virtiofs.policy import Gate
@@ -86,7 +90,7 @@ def serve_connection(conn: socket.socket, device: Device) -> str:
 
 
 def run(shared_dir: str, sock: socket.socket, *, policy: Policy | None = None, policy_source: str = "",
-        trail: AuditWriter | None = None, readonly: bool = True) -> int:
+        trail: AuditWriter | None = None, readonly: bool = True, sandbox: SandboxConfig | None = None) -> int:
     """Accept one front-end on the listening ``sock`` and serve ``shared_dir`` to it (read-only unless
     ``readonly`` is False); with a policy, every request decided by it (and recorded in ``trail``, which
     this closes)."""
@@ -95,11 +99,28 @@ def run(shared_dir: str, sock: socket.socket, *, policy: Policy | None = None, p
     proc_fd = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     gate = Gate(policy, trail) if policy is not None else None
     fs = ReadOnlyFs(root_fd, proc_fd, gate=gate) if readonly else ExportFs(root_fd, proc_fd, gate=gate)
+    os.umask(0)  # the guest's modes as it sent them (its kernel applied its umask)
     reason = "not started"
     try:
+        state = None
+        if sandbox is not None:
+            # Everything is open (the export, /proc/self/fd, the trail and its directory, the listening
+            # socket): confined before QEMU connects, accept4 allowed on that socket alone.
+            sandbox.accept_fd = sock.fileno()
+            if trail is not None:
+                sandbox.grants = [(trail.dirfd, landlock.AUDIT_DIR, os.path.dirname(trail.path))]
+            sandbox.max_open_files = fs.inodes.max_inodes + fs.handles.max_handles + 256
+            release_startup_memory()
+            try:
+                state = confine(sandbox, root_fd)
+            except OSError as exc:
+                print(f"gateway virtiofsd: confinement failed: {exc}", file=sys.stderr)
+                reason = f"confinement failed: {exc}"
+                return 1
+            log.info("confined %s", kv(**{k: v for k, v in state.as_dict().items() if v}))
         if trail is not None and policy is not None:
             if not trail.lifecycle("start", version=__version__, frontend="virtiofs", export=export,
-                                   readonly=readonly,
+                                   readonly=readonly, sandbox=state.as_dict() if state else None,
                                    policy_source=policy_source, endpoint=_describe(sock)):
                 log.critical("refusing to serve: the start record cannot be written")
                 return 1
