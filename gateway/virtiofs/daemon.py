@@ -137,7 +137,7 @@ def run(shared_dir: str, sock: socket.socket, *, policy: Policy | None = None, p
                 reason = serve_connection(conn, device)
         finally:
             device.close()
-        log.info("front-end gone: %s", reason)
+        log.info("front-end gone %s", kv(reason=reason))
         return 0
     finally:
         fs.close()
