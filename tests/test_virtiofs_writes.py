@@ -271,3 +271,68 @@ def test_paths_stay_true_under_any_sequence(tmp_path_factory: pytest.TempPathFac
         assert sorted(os.listdir(export / "etc")) == before
     finally:
         f.close()
+
+
+_hostile_names = st.sampled_from([b"f", b"d", b"out", b"etc", b"passwd", b"n", b".", b"..", b"a/b", b""])
+_u64 = st.one_of(st.integers(0, 8), st.sampled_from([2**63 - 1, 2**63, 2**64 - 1]))
+_u32 = st.one_of(st.integers(0, 70000), st.sampled_from([2**31, 2**32 - 1]))
+
+
+@st.composite
+def _hostile(draw: st.DrawFn) -> bytes:
+    op = draw(st.sampled_from([*list(Op), 0, 99]))
+    name = draw(_hostile_names) + b"\0"
+    body = draw(st.sampled_from([
+        b"",
+        name,
+        name + draw(_hostile_names) + b"\0",
+        abi.MKDIR_IN.pack(draw(st.sampled_from([0o755, 0o4755, 0o20644, 2**32 - 1])), 0) + name,
+        abi.MKNOD_IN.pack(draw(st.sampled_from([0o100644, 0o10644, 0o20644, 0o140644])), 0, 0, 0) + name,
+        abi.CREATE_IN.pack(draw(st.sampled_from([os.O_WRONLY | os.O_CREAT, os.O_RDWR | os.O_CREAT | os.O_EXCL,
+                                                 2**32 - 1])), 0o644, 0, 0) + name,
+        abi.OPEN_IN.pack(draw(st.sampled_from([0, os.O_RDWR, os.O_TRUNC | os.O_WRONLY, 2**32 - 1])), 0),
+        abi.WRITE_IN.pack(draw(_u64), draw(_u64), 3, 0, 0, 0, 0) + b"xyz",
+        abi.RENAME_IN.pack(draw(_u64)) + name + draw(_hostile_names) + b"\0",
+        abi.LINK_IN.pack(draw(_u64)) + name,
+        abi.SETATTR_IN.pack(draw(st.integers(0, 4095)), 0, draw(_u64), draw(_u64), 0, draw(_u64), draw(_u64),
+                            0, 0, 0, 0, draw(_u32), 0, draw(_u32), draw(_u32), 0),
+        abi.FALLOCATE_IN.pack(draw(_u64), draw(_u64), draw(_u64), draw(_u32), 0),
+        abi.LSEEK_IN.pack(draw(_u64), draw(_u64), draw(st.integers(0, 5)), 0),
+        abi.SETXATTR_IN.pack(draw(_u32), draw(_u32)) + b"user.x\0v",
+        draw(st.binary(max_size=64)),
+    ]))
+    nodeid = draw(st.one_of(st.integers(0, 8), st.just(2**64 - 1)))
+    uid = draw(st.sampled_from([0, 1000, 2**32 - 1]))
+    return abi.IN_HEADER.pack(40 + len(body), op, draw(_u64), nodeid, uid, uid, 1, 0, 0) + body
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(_hostile(), max_size=30))
+def test_hostile_requests_get_well_formed_replies_and_stay_inside(tmp_path_factory: pytest.TempPathFactory,
+                                                                  reqs: list[bytes]) -> None:
+    base = tmp_path_factory.mktemp("h")
+    outside = base / "outside"
+    outside.mkdir()
+    (outside / "victim").write_bytes(b"v")
+    export = _make_export(base / "export")
+    os.symlink("../outside", export / "out")
+    os.symlink("../outside/victim", export / "d" / "out")
+    before = sorted((str(q), q.lstat().st_mode, q.lstat().st_size) for q in outside.rglob("*"))
+    f = Fs(export, base / "trail.jsonl")
+    try:
+        for data in reqs:
+            opcode = abi.IN_HEADER.unpack_from(data)[1]
+            out = f.fs.handle(decode(data))
+            if opcode in (Op.FORGET, Op.BATCH_FORGET):
+                assert out is None
+                continue
+            assert out is not None
+            length, error, _ = abi.OUT_HEADER.unpack_from(out)
+            assert length == len(out) and -4096 < error <= 0
+            assert len(f.fs.inodes) <= f.fs.inodes.max_inodes
+            assert len(f.fs.handles) <= f.fs.handles.max_handles
+    finally:
+        f.close()
+    after = sorted((str(q), q.lstat().st_mode, q.lstat().st_size) for q in outside.rglob("*"))
+    assert after == before
+    assert (outside / "victim").read_bytes() == b"v"
