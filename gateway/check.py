@@ -16,7 +16,12 @@ warning, ``--fail-on-change`` a change, ``--fail-on-deny`` a deny or would-deny;
 or the options conflict, or a request, requests file or log cannot be read (the input is unusable);
 141 (128 + SIGPIPE) the reader closed the pipe before the report was written, quietly, as ``cat`` would.
 
-This is the CLI view: the only module of the rules feature that imports rich.
+Authoring modes, each alone: ``--suggest TRAIL...`` proposes allow rules for a trail's denials
+(gateway/check_suggest.py), ``--coverage`` shows which rules the tests exercised and ``--same-as NEW``
+compares two policies' decisions (gateway/check_authoring.py); ``--run PATTERN`` picks the tests.
+
+This is the CLI view: with check_suggest and check_authoring, the only modules of the rules feature that
+import rich.
 """
 
 from __future__ import annotations
@@ -64,7 +69,12 @@ exit status:
        report was cut short, so this is not a pass
 
 With --request/--requests, lint and tests run only with --lint / --tests (--strict implies --lint);
---format json then writes one JSON object per request per line (the audit record's field names)."""
+--format json then writes one JSON object per request per line (the audit record's field names).
+
+authoring modes (each alone; 2 as above for unusable input):
+  --suggest TRAIL...  0 the patch was written; 1 applying it would make a test of the policy fail
+  --coverage          0 every test that ran passed; 1 one failed
+  --same-as NEW       0 no request shape was decided differently; 1 one was (the first are shown)"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

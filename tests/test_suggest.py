@@ -90,6 +90,23 @@ def test_generalised_by_directory_extension_and_tree(tmp_path: Path) -> None:
     with_rules(str(policy_file), patch["rules"])
 
 
+def test_interactive_review_accepts_skips_and_reglobs(tmp_path: Path, monkeypatch) -> None:
+    from rich.console import Console
+
+    from gateway import check_suggest
+
+    policy_file = tmp_path / "p.yaml"
+    policy_file.write_text(POLICY)
+    trail = tmp_path / "t.jsonl"
+    write_trail(trail, policy_file, [p.Mkdir(0, 0, b"/opt/one", 0o755), p.Lstat(b"/var/log/x")])
+    found = proposals_for(policy_file, trail)
+    assert [x.paths for x in found] == [["/opt/one"], ["/var/log/x"]]
+    answers = iter(["2", "a", "s"])  # /opt/one: take /opt/** instead, accept; /var/log/x: skip
+    monkeypatch.setattr(check_suggest.Prompt, "ask", lambda *a, **k: next(answers))
+    kept = check_suggest._ask(Console(file=open(os.devnull, "w")), found)  # noqa: SIM115
+    assert [(x.paths, x.alternatives[1]) for x in kept] == [(["/opt/**"], ["/opt/one"])]
+
+
 def test_globs_escape_what_the_path_spells() -> None:
     g = GlobSet.compile([escape("/a/[x]*{b,c}?.txt")])
     assert g.matches("/a/[x]*{b,c}?.txt") and not g.matches("/a/x_b_.txt")
