@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import yaml
+from helpers import over_socketpair, require_root
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -144,6 +145,47 @@ def test_cli_patch_applied_then_replay_leaves_no_would_deny(tmp_path: Path) -> N
     done = subprocess.run([*gateway, "check", str(policy_file), "--suggest", str(trail), "--coverage"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "mode of its own" in done.stderr
+
+
+def test_a_real_permissive_session_round_trip(tmp_path: Path) -> None:
+    """A real gateway in permissive mode, its trail, the suggestions appended, the replay, then the same
+    session under the patched policy *enforced*: every request is allowed, and a path outside the
+    suggested globs is still refused."""
+    require_root()
+    export = tmp_path / "export"
+    (export / "srv").mkdir(parents=True)
+    (export / "work" / "src").mkdir(parents=True)
+    for name in ("a.c", "b.c"):
+        (export / "work" / "src" / name).write_text("x")
+    (export / "work" / "other").write_text("x")
+    policy_file = tmp_path / "p.yaml"
+    policy_file.write_text(POLICY)
+    trail = tmp_path / "trail.jsonl"
+    session = [p.Open(b"work/src/a.c", os.O_RDWR), p.Open(b"work/src/b.c", os.O_RDONLY),
+               p.Mkdir(1000, 1000, b"work/build", 0o755), p.Lstat(b"srv")]
+    gateway = [sys.executable, "-m", "gateway"]
+    extra = ["--policy", str(policy_file), "--audit-log", str(trail)]
+    with over_socketpair([*gateway, "serve"], export, extra) as running:
+        assert [running.client.call(r).errno for r in session] == [0, 0, 0, 0]  # permissive
+    done = subprocess.run([*gateway, "check", str(policy_file), "--suggest", str(trail), "--format", "json"],
+                          capture_output=True, text=True, timeout=60)
+    report = json.loads(done.stdout)
+    assert done.returncode == 0 and report["check"]["remaining_default_denials"] == 0, report
+    data = yaml.safe_load(policy_file.read_text())
+    data["rules"] += yaml.safe_load(report["patch"])["rules"]
+    data["enforcement"] = "enforce"
+    data["tests"][0]["expect"] = "deny"
+    enforced = tmp_path / "enforced.yaml"
+    enforced.write_text(yaml.safe_dump(data, sort_keys=False))
+    done = subprocess.run([*gateway, "check", str(enforced), "--replay", str(trail), "--format", "json"],
+                          capture_output=True, text=True, timeout=60)
+    assert json.loads(done.stdout)["replay"]["outcomes"] == {"allow": 4}, done.stdout
+    (export / "work" / "build").rmdir()  # the first session made it
+    trail2 = tmp_path / "trail2.jsonl"
+    extra = ["--policy", str(enforced), "--audit-log", str(trail2)]
+    with over_socketpair([*gateway, "serve"], export, extra) as running:
+        assert [running.client.call(r).errno for r in session[:3]] == [0, 0, 0]
+        assert running.client.call(p.Open(b"work/other", os.O_RDWR)).errno != 0  # never suggested
 
 
 def test_a_patch_that_breaks_a_test_is_named_and_fails(tmp_path: Path) -> None:
