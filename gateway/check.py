@@ -16,7 +16,12 @@ warning, ``--fail-on-change`` a change, ``--fail-on-deny`` a deny or would-deny;
 or the options conflict, or a request, requests file or log cannot be read (the input is unusable);
 141 (128 + SIGPIPE) the reader closed the pipe before the report was written, quietly, as ``cat`` would.
 
-This is the CLI view: the only module of the rules feature that imports rich.
+Authoring modes, each alone: ``--suggest TRAIL...`` proposes allow rules for a trail's denials
+(gateway/check_suggest.py), ``--coverage`` shows which rules the tests exercised and ``--same-as NEW``
+compares two policies' decisions (gateway/check_authoring.py); ``--run PATTERN`` picks the tests.
+
+This is the CLI view: with check_suggest and check_authoring, the only modules of the rules feature that
+import rich.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import stat
 import sys
 from typing import Any
@@ -42,7 +48,7 @@ from gateway.rules.idmap import IdMap, IdRange
 from gateway.rules.lint import Finding, lint
 from gateway.rules.model import Decision, Limits, Policy, format_size
 from gateway.rules.replay import ReplayReport, open_log, replay
-from gateway.rules.testing import TestResult, run_tests
+from gateway.rules.testing import TestResult, run_tests, select_tests
 from gateway.tenancy import IdTranslator
 
 PROGRESS_MIN_BYTES = 64 << 20  # below this a log replays in seconds: no progress bar unless on a terminal
@@ -63,7 +69,12 @@ exit status:
        report was cut short, so this is not a pass
 
 With --request/--requests, lint and tests run only with --lint / --tests (--strict implies --lint);
---format json then writes one JSON object per request per line (the audit record's field names)."""
+--format json then writes one JSON object per request per line (the audit record's field names).
+
+authoring modes (each alone; 2 as above for unusable input):
+  --suggest TRAIL...  0 the patch was written; 1 applying it would make a test of the policy fail
+  --coverage          0 every test that ran passed; 1 one failed
+  --same-as NEW       0 no request shape was decided differently; 1 one was (the first are shown)"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -97,6 +108,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="never show a progress bar")
     parser.add_argument("--format", choices=["text", "json"], default="text",
                         help="output for people (text) or machines (json; JSON lines with requests)")
+    authoring = parser.add_argument_group("authoring (each a mode of its own)")
+    authoring.add_argument("--suggest", nargs="+", metavar="TRAIL",
+                           help="propose allow rules for what these trails' records were denied (deny and "
+                                "would-deny), as a YAML patch on stdout; the report goes to stderr")
+    authoring.add_argument("--interactive", action="store_true",
+                           help="with --suggest: accept, skip or re-glob each proposal at the terminal")
+    authoring.add_argument("--patch", metavar="FILE", help="with --suggest: write the patch to FILE")
+    authoring.add_argument("--coverage", action="store_true",
+                           help="run the policy's tests and show which rules they exercised (deciding, "
+                                "matching) and which never")
+    authoring.add_argument("--run", metavar="PATTERN",
+                           help="run only the tests whose name (or request) matches this regular expression")
+    authoring.add_argument("--same-as", metavar="NEW",
+                           help="decide POLICY and NEW over every request shape their rules tell apart and "
+                                "show the first requests where they differ")
+    authoring.add_argument("--max-shapes", type=int, default=1_000_000, metavar="N",
+                           help="with --same-as: request shapes decided at most (default 1,000,000, some "
+                                "15 s); the bounds reached are printed")
+    authoring.add_argument("--max-differences", type=int, default=10, metavar="N",
+                           help="with --same-as: differences shown (default 10)")
 
 
 class UsageError(Exception):
@@ -216,6 +247,23 @@ def _conflicts(args: argparse.Namespace) -> str | None:
                  if on]
         if given:
             return f"--lint-only validates and lints only: not with {', '.join(given)}"
+    modes = [name for name, on in (("--suggest", bool(args.suggest)), ("--coverage", args.coverage),
+                                   ("--same-as", bool(args.same_as))) if on]
+    if modes:
+        others = [name for name, on in (("--request", bool(args.request)),
+                                        ("--requests", bool(args.requests)), ("--replay", bool(args.replay)),
+                                        ("--lint-only", args.lint_only)) if on]
+        if len(modes) > 1 or others:
+            return f"{modes[0]} is a mode of its own: not with {', '.join(modes[1:] + others)}"
+    if args.run is not None:
+        try:
+            re.compile(args.run)
+        except re.error as error:
+            return f"--run {args.run!r}: not a regular expression ({error})"
+    if args.interactive and not args.suggest:
+        return "--interactive goes with --suggest"
+    if args.patch and not args.suggest:
+        return "--patch goes with --suggest"
     if args.no_lint and (args.lint or args.strict):
         return f"--no-lint skips the lint: not with {'--lint' if args.lint else '--strict'}"
     if args.fail_on_deny and not has_requests:
@@ -275,6 +323,14 @@ def _run(args: argparse.Namespace) -> int:
                         "rules": len(policy.rules),
                         "tests": len(policy.tests), "audit_path": policy.audit_path,
                         "ids": _ids_dict(policy.ids), "limits": vars(policy.limits)}
+    if args.suggest:
+        from gateway import check_suggest  # the authoring modes' modules load only when asked for
+
+        return check_suggest.run(args, policy)
+    if args.coverage or args.same_as:
+        from gateway import check_authoring
+
+        return check_authoring.run(args, policy, out)
     lookup = root_lookup(args.root, policy.ids) if args.root else None
     why: list[str] = []  # what made the check fail (exit 1)
     try:
@@ -299,7 +355,7 @@ def _run(args: argparse.Namespace) -> int:
         if args.fail_on_deny and denied:
             why.append(f"{denied} of {len(decided)} request(s) denied or would be (--fail-on-deny)")
         findings = lint(policy) if do_lint else None
-        results = run_tests(policy) if do_tests else None
+        results = run_tests(policy, select_tests(policy, args.run)) if do_tests else None
         report["lint"] = [vars(f) for f in findings] if findings is not None else None
         failed = [r for r in results if not r.passed] if results is not None else []
         if results is not None:
@@ -477,6 +533,9 @@ def _show_replay(out: Console, source: str, r: ReplayReport) -> None:
     changed = (f"{r.changed:,} changed", "bold red" if r.changed else "green")
     out.print(Text.assemble(("\nreplay ", "bold"), source, f": {r.lines:,} lines, {r.requests:,} requests, "
                             f"{r.other_events:,} other events, ", changed, f", {r.errors:,} unreadable"))
+    if r.outcomes:
+        now = ", ".join(f"{r.outcomes[o]:,} {o}" for o in ("allow", "deny", "would-deny") if r.outcomes[o])
+        out.print(Text(f"  under this policy: {now}"))
     for example in r.error_examples:
         out.print(Text(f"  unreadable line {example['line']}: {example['error']}", style="yellow"))
     if not r.changed:

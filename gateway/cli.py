@@ -18,7 +18,9 @@ from gateway.signals import hold_reload_signals
 
 COMMANDS = {
     "serve": "serve a guest's 9p proxy requests (virtfs-proxy-helper's options)",
-    "check": "dry-run a policy: validate, lint, run its tests, decide requests, replay a trail",
+    "check": "dry-run a policy: validate, lint, run its tests, decide requests, replay a trail; "
+             "suggest rules from a trail, test coverage, compare two policies",
+    "fmt": "format a policy in its canonical layout, comments kept (--check for CI)",
     "audit": "review audit trails: filters, tables, summaries, follow, verify the hash chain",
     "inspect": "show a running gateway's confinement, read from /proc",
     "demo": "a scripted guest session against a real gateway, then its summary",
@@ -28,6 +30,7 @@ COMMANDS = {
 MODULES = {
     "audit": "gateway.audit_cli",
     "check": "gateway.check",
+    "fmt": "gateway.fmt",
     "inspect": "gateway.inspect",
     "demo": "gateway.demo",
     "virtiofsd": "gateway.virtiofs.cli",

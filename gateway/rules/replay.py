@@ -35,6 +35,8 @@ class ReplayReport:
     by_rule: Counter[tuple[str, str | None, str | None]] = field(default_factory=Counter)
     examples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     policies: Counter[str] = field(default_factory=Counter)  # policy hash recorded -> requests
+    # The new decisions, changed or not: "no would-deny left" is what a permissive rollout waits for.
+    outcomes: Counter[str] = field(default_factory=Counter)
 
     @property
     def changed(self) -> int:
@@ -56,6 +58,7 @@ class ReplayReport:
             ],
             "examples": self.examples,
             "policies": dict(self.policies),
+            "outcomes": dict(self.outcomes),
         }
 
 
@@ -168,6 +171,7 @@ def replay(lines: Iterator[bytes], policy: Policy, lookup: Lookup | None = None,
         # On the facts the server decided on: the object it looked at (recorded when the rules asked)
         # and the canonical path(s) it resolved; otherwise the given lookup (--root) or none.
         decision = decide(request, policy, lookup if facts is _NOT_RECORDED else (lambda _p, f=facts: f))
+        report.outcomes[decision.outcome] += 1
         if decision.outcome == old:
             report.unchanged += 1
             continue

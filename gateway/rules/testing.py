@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from gateway import names
@@ -43,5 +44,15 @@ def run_test(policy: Policy, test: PolicyTest) -> TestResult:
     return TestResult(test, decision, tuple(failures), calls)
 
 
-def run_tests(policy: Policy) -> list[TestResult]:
-    return [run_test(policy, test) for test in policy.tests]
+def select_tests(policy: Policy, pattern: str | None) -> tuple[PolicyTest, ...]:
+    """The tests ``--run PATTERN`` names: a regular expression searched in the test's name, its request
+    text and ``#index`` (as OPA's ``--run`` searches test names). None: all of them."""
+    if pattern is None:
+        return policy.tests
+    found = re.compile(pattern)
+    return tuple(t for t in policy.tests
+                 if found.search(t.name) or found.search(t.text) or found.search(f"#{t.index}"))
+
+
+def run_tests(policy: Policy, tests: tuple[PolicyTest, ...] | None = None) -> list[TestResult]:
+    return [run_test(policy, test) for test in (policy.tests if tests is None else tests)]
