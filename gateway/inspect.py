@@ -55,17 +55,42 @@ def _status(pid: int, tid: int | None = None) -> dict[str, str]:
 
 
 def _serve_args(cmdline: list[str]) -> argparse.Namespace | None:
-    """The serve options in a gateway's command line (None when it is not a gateway serve)."""
+    """The serve options in a gateway's command line (None when it is not a gateway serve or a gateway
+    virtiofsd), with what it promises: ``capabilities`` kept and whether it chroots."""
     from gateway.serve import build_parser
 
     for marker in ("serve", "gateway-proxy-helper"):
         for i, arg in enumerate(cmdline):
             if arg == marker or arg.endswith("/" + marker):
                 try:
-                    return build_parser().parse_args(cmdline[i + 1 :])
+                    opts = build_parser().parse_args(cmdline[i + 1 :])
                 except Exception:
                     return None
+                opts.capabilities, opts.chroot = KEPT_CAPABILITIES, True
+                return opts
+    if "gateway" in " ".join(cmdline[:3]) and "virtiofsd" in cmdline[1:4]:
+        return _virtiofsd_args(cmdline[cmdline.index("virtiofsd") + 1 :])
     return None
+
+
+def _virtiofsd_args(argv: list[str]) -> argparse.Namespace | None:
+    """A `gateway virtiofsd`'s options, in the names _confinement reads."""
+    from gateway.sandbox import VIRTIOFS_CAPABILITIES
+    from gateway.virtiofs.cli import add_arguments as virtiofsd_arguments
+
+    parser = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    virtiofsd_arguments(parser)
+    try:
+        args = parser.parse_args(argv)
+    except (Exception, SystemExit):
+        return None
+    shared = args.shared_dir
+    for group in args.options:
+        for opt in group.split(","):
+            if opt.startswith("source="):
+                shared = opt[len("source="):]
+    return argparse.Namespace(path=shared, seccomp=args.seccomp, landlock=args.landlock,
+                              capabilities=VIRTIOFS_CAPABILITIES, chroot=args.sandbox != "none")
 
 
 def inspect_pid(pid: int) -> Inspection | None:
@@ -97,7 +122,10 @@ def inspect_pid(pid: int) -> Inspection | None:
 
     root = os.readlink(f"/proc/{pid}/root")
     export = os.path.realpath(opts.path) if opts.path else "?"
-    add("root", root, export if as_root else "(not root: no chroot)", root == export or not as_root)
+    if not opts.chroot:
+        add("root", root, "(--sandbox none: no chroot)", True)
+    else:
+        add("root", root, export if as_root else "(not root: no chroot)", root == export or not as_root)
     add("uid/gid", f"{status.get('Uid', '?').split()[0]}/{status.get('Gid', '?').split()[0]}", "0/0", True)
     add("landlock", "not visible in /proc", "on" if opts.landlock else "off", True)
     for name in sorted(os.listdir(f"/proc/{pid}/fd"), key=int):
@@ -111,8 +139,8 @@ def inspect_pid(pid: int) -> Inspection | None:
 def _confinement(status: dict[str, str], opts: argparse.Namespace, as_root: bool) -> list[Finding]:
     """The per-thread findings (capabilities, no_new_privs, seccomp) of one thread's status."""
     findings: list[Finding] = []
-    kept = sorted(KEPT_CAPABILITIES)
-    kept_mask = sum(1 << v for v in KEPT_CAPABILITIES.values())
+    kept = sorted(opts.capabilities)
+    kept_mask = sum(1 << v for v in opts.capabilities.values())
 
     def add(item: str, seen: str, promised: str, ok: bool) -> None:
         findings.append(Finding(item, seen, promised, ok))
@@ -138,7 +166,7 @@ def _confinement(status: dict[str, str], opts: argparse.Namespace, as_root: bool
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("pid", type=int, help="a running `gateway serve` process")
+    parser.add_argument("pid", type=int, help="a running `gateway serve` or `gateway virtiofsd` process")
     parser.add_argument("--format", choices=["table", "json"], default="table")
 
 
@@ -153,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"[red]cannot read /proc/{args.pid}: {exc.strerror}[/]")
         return 2
     if result is None:
-        console.print(f"[red]process {args.pid} is not a `gateway serve`[/]")
+        console.print(f"[red]process {args.pid} is not a `gateway serve` or `gateway virtiofsd`[/]")
         return 2
     if args.format == "json":
         print(

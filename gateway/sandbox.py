@@ -40,6 +40,10 @@ KEPT_CAPABILITIES: dict[str, int] = {
     "mknod": prctl.CAP_MKNOD,  # MKNOD of devices (policy decides)
 }
 
+# gateway virtiofsd's: the same but CAP_MKNOD, since it makes regular files and FIFOs only (neither
+# needs it); gateway/virtiofs/export_fs.py refuses device nodes whatever the policy says.
+VIRTIOFS_CAPABILITIES: dict[str, int] = {k: v for k, v in KEPT_CAPABILITIES.items() if k != "mknod"}
+
 _PR_CAPBSET_DROP = 24
 _PR_CAP_AMBIENT = 47
 _PR_CAP_AMBIENT_CLEAR_ALL = 4
@@ -88,6 +92,11 @@ class SandboxConfig:
     # Started inside every wall but the resource limits and the filter (which TSYNC then applies to all
     # threads): the reload worker, which thus inherits chroot, capabilities, no_new_privs and Landlock.
     start_threads: Callable[[], object] | None = None
+    # The capabilities to keep (gateway virtiofsd: VIRTIOFS_CAPABILITIES), and the system calls its
+    # front-end needs beyond the 9p allowlist (seccomp_filter.VIRTIOFS_EXTRA).
+    capabilities: dict[str, int] = field(default_factory=lambda: dict(KEPT_CAPABILITIES))
+    extra_syscalls: tuple[str, ...] = ()
+    chroot: bool = True  # gateway virtiofsd --sandbox none: every wall but the chroot
 
 
 def confine(config: SandboxConfig, export_fd: int) -> SandboxState:
@@ -101,8 +110,11 @@ def build_walls(config: SandboxConfig, export_fd: int) -> SandboxState:
     """Steps 2-5: what a fork inherits, so a daemon can have them in place (and report their failure on
     stderr) before it detaches."""
     state = SandboxState()
-    enter_export(config.export, state)
-    drop_capabilities(state)
+    if config.chroot:
+        enter_export(config.export, state)
+    else:
+        state.notes.append("--sandbox none: no chroot (paths are still resolved beneath the export)")
+    drop_capabilities(state, config.capabilities)
     prctl.set_no_new_privs(1)
     state.no_new_privs = bool(prctl.get_no_new_privs())
     if config.landlock:
@@ -121,7 +133,7 @@ def lock_down(config: SandboxConfig, state: SandboxState) -> None:
     if config.start_threads is not None:
         config.start_threads()
     set_rlimits(config.max_open_files, state)
-    seccomp_filter.load(config.seccomp, accept_fd=config.accept_fd)
+    seccomp_filter.load(config.seccomp, accept_fd=config.accept_fd, extra=config.extra_syscalls)
     state.seccomp = config.seccomp
     if config.seccomp == "none":
         state.notes.append("SECCOMP FILTER DISABLED (--seccomp none): every system call is allowed")
@@ -165,7 +177,7 @@ def enter_export(export: str, state: SandboxState) -> None:
     state.chroot = export
 
 
-def drop_capabilities(state: SandboxState) -> None:
+def drop_capabilities(state: SandboxState, kept: dict[str, int] | None = None) -> None:
     """Keep exactly KEPT_CAPABILITIES in the effective, permitted and bounding sets; nothing inheritable
     or ambient. SECBIT_NO_SETUID_FIXUP (locked) first, so that setfsuid to a guest's uid does not clear
     the effective set and the way back does not need to restore it."""
@@ -175,7 +187,8 @@ def drop_capabilities(state: SandboxState) -> None:
     prctl.securebits.no_setuid_fixup = True
     prctl.securebits.no_setuid_fixup_locked = True
     state.securebits = ["no_setuid_fixup", "no_setuid_fixup_locked"]
-    keep = set(KEPT_CAPABILITIES.values())
+    kept = KEPT_CAPABILITIES if kept is None else kept
+    keep = set(kept.values())
     for cap in range(_last_cap() + 1):  # the bounding set first: dropping needs CAP_SETPCAP
         if cap not in keep:
             _prctl(_PR_CAPBSET_DROP, cap)
@@ -183,4 +196,4 @@ def drop_capabilities(state: SandboxState) -> None:
     prctl.cap_inheritable.limit()
     prctl.cap_effective.limit(*keep)
     prctl.cap_permitted.limit(*keep)
-    state.capabilities = sorted(KEPT_CAPABILITIES)
+    state.capabilities = sorted(kept)

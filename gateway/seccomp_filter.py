@@ -79,6 +79,13 @@ ALLOWED: tuple[str, ...] = (
     "exit", "exit_group", "restart_syscall", "set_robust_list", "rseq",
 )  # fmt: skip
 
+# gateway virtiofsd's additions (gateway/virtiofs/daemon.py): it waits in poll on the vhost-user socket
+# and the kick eventfds (the 9p loop waits in recv alone). The rest it needs the 9p list has already:
+# recvmsg with SCM_RIGHTS for the memfds and eventfds QEMU sends, read/write on the eventfds, mmap and
+# munmap of the memory table's memfds (and the dup, fstat Python's mmap makes), pread64/pwrite64,
+# fallocate, fsync/fdatasync, lseek on the guest's handles, getdents64 for its listings.
+VIRTIOFS_EXTRA: tuple[str, ...] = ("poll", "ppoll")
+
 # ioctls answered ENOTTY: terminal probes from CPython's io and rich, harmless to refuse.
 TERMINAL_IOCTLS = (termios.TCGETS, termios.TIOCGWINSZ, termios.TIOCGPGRP, termios.FIONREAD)
 
@@ -96,7 +103,8 @@ FORBIDDEN = (
 assert not set(ALLOWED) & set(FORBIDDEN)
 
 
-def build_filter(mode: str, *, accept_fd: int | None = None, pid: int | None = None) -> object:
+def build_filter(mode: str, *, accept_fd: int | None = None, pid: int | None = None,
+                 extra: tuple[str, ...] = ()) -> object:
     """A pyseccomp SyscallFilter for mode kill|trap|log|errno (the default action for anything else).
 
     accept_fd: the listening socket accept4 may take clients from, and only it (the gateway is confined
@@ -110,7 +118,8 @@ def build_filter(mode: str, *, accept_fd: int | None = None, pid: int | None = N
         "errno": sc.ERRNO(errno.EPERM),
     }[mode]
     flt = sc.SyscallFilter(default)
-    for name in ALLOWED:
+    assert not set(extra) & set(FORBIDDEN)
+    for name in (*ALLOWED, *extra):
         try:
             flt.add_rule(sc.ALLOW, name)
         except (OSError, ValueError):  # a name this architecture lacks (e.g. "time" on arm64)
@@ -131,7 +140,7 @@ def build_filter(mode: str, *, accept_fd: int | None = None, pid: int | None = N
     return flt
 
 
-def load(mode: str, *, accept_fd: int | None = None) -> None:
+def load(mode: str, *, accept_fd: int | None = None, extra: tuple[str, ...] = ()) -> None:
     if mode == "none":
         return
-    build_filter(mode, accept_fd=accept_fd).load()  # type: ignore[attr-defined]
+    build_filter(mode, accept_fd=accept_fd, extra=extra).load()  # type: ignore[attr-defined]

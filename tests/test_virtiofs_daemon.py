@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import mmap
 import os
 import select
@@ -346,7 +347,8 @@ def test_cli_print_capabilities_and_usage_errors(tmp_path: Path) -> None:
 def test_cli_serves_over_a_named_socket(tmp_path: Path, export: Path) -> None:
     path = tmp_path / "vfs.sock"
     proc = subprocess.Popen([sys.executable, "-m", "gateway", "virtiofsd", "--socket-path", str(path),
-                             "-o", f"source={export},cache=none", "--sandbox", "none"],
+                             "-o", f"source={export},cache=none", "--sandbox", "none",
+                             f"--audit-log={tmp_path / 'trail.jsonl'}"],
                             stderr=subprocess.PIPE, text=True)
     try:
         for _ in range(200):
@@ -364,7 +366,7 @@ def test_cli_serves_over_a_named_socket(tmp_path: Path, export: Path) -> None:
         assert proc.wait(10) == 0
         stderr = proc.stderr.read() if proc.stderr else ""
         assert "-o cache=none: accepted, not yet acted on" in stderr
-        assert "--sandbox: accepted, not yet acted on" in stderr
+        assert "--sandbox: accepted" not in stderr and "no chroot" in stderr  # acted on
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -378,7 +380,8 @@ def test_cli_serves_an_inherited_listening_socket(tmp_path: Path, export: Path) 
     listener.listen(1)
     fd = listener.fileno()
     proc = subprocess.Popen([sys.executable, "-m", "gateway", "virtiofsd", f"--fd={fd}",
-                             f"--shared-dir={export}"], pass_fds=[fd], stderr=subprocess.PIPE, text=True)
+                             f"--shared-dir={export}", f"--audit-log={tmp_path / 'trail.jsonl'}"],
+                            pass_fds=[fd], stderr=subprocess.PIPE, text=True)
     listener.close()
     try:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -393,6 +396,93 @@ def test_cli_serves_an_inherited_listening_socket(tmp_path: Path, export: Path) 
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_cli_decides_by_the_policy_and_keeps_the_trail(tmp_path: Path, export: Path) -> None:
+    """--policy, --tenant and --audit-log as `gateway serve` has them: a denied LOOKUP gets the rule's
+    errno, and the trail (start, policy-load, session, each decision, stop) verifies."""
+    policy = tmp_path / "p.yaml"
+    policy.write_text("version: 1\ndefault: allow\nrules:\n  - id: no-hello\n    effect: deny\n"
+                      "    ops: [all]\n    paths: [/hello.txt]\n    errno: EPERM\n")
+    path, trail = tmp_path / "vfs.sock", tmp_path / "trail.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "virtiofsd", "--socket-path", str(path),
+                             "--shared-dir", str(export), "--policy", str(policy), "--tenant", "vm7",
+                             "--audit-log", str(trail)], stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(200):
+            if path.exists():
+                break
+            select.select([], [], [], 0.05)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(str(path))
+        q = FakeQemu(sock)
+        q.start()
+        assert q.fuse(Op.INIT, abi.INIT_IN.pack(7, 36, 0, 0, 0))[0] == 0
+        assert q.fuse(Op.LOOKUP, b"hello.txt\0")[0] == errno.EPERM
+        assert q.fuse(Op.STATFS)[0] == 0
+        q.close()
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    recs = [json.loads(line) for line in trail.read_text().splitlines()]
+    events = [r["event"] for r in recs if r["event"] != "checkpoint"]
+    assert events == ["start", "policy-load", "session", "request", "request", "stop"]
+    assert all(r["tenant"] == "vm7" for r in recs)
+    denied = recs[events.index("request")]
+    assert (denied["op"], denied["path"], denied["decision"], denied["rule"], denied["result"]) == (
+        "lstat", "/hello.txt", "deny", "no-hello", "EPERM")
+    check = subprocess.run([sys.executable, "-m", "gateway", "audit", "--verify", str(trail)],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    bad = subprocess.run([sys.executable, "-m", "gateway", "virtiofsd", "--socket-path", str(path),
+                          "--shared-dir", str(export), "--policy", str(tmp_path / "none.yaml")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and "refusing to serve" in bad.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chroot, capabilities)")
+def test_cli_is_confined_before_qemu_connects(tmp_path: Path, export: Path) -> None:
+    """chroot, the six capabilities (no CAP_MKNOD: regular files and FIFOs only), no_new_privs and the
+    filter are in place while it waits for QEMU, `gateway inspect` says so, and it serves so confined."""
+    path, trail = tmp_path / "vfs.sock", tmp_path / "trail.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "virtiofsd", "--socket-path", str(path),
+                             "--shared-dir", str(export), "--audit-log", str(trail)],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(200):
+            if path.exists() and trail.exists() and '"start"' in trail.read_text():
+                break
+            select.select([], [], [], 0.05)
+        status = {k: v.strip() for k, _, v in (line.partition(":") for line in
+                                                 Path(f"/proc/{proc.pid}/status").read_text().splitlines())}
+        six = sum(1 << c for c in (0, 1, 3, 4, 6, 7))  # chown dac_override fowner fsetid setgid setuid
+        assert int(status["CapEff"], 16) == six and int(status["CapBnd"], 16) == six
+        assert status["NoNewPrivs"] == "1" and status["Seccomp"] == "2"
+        assert os.readlink(f"/proc/{proc.pid}/root") == str(export)
+        out = subprocess.run([sys.executable, "-m", "gateway", "inspect", str(proc.pid)],
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0 and "confinement holds" in out.stdout, out.stdout + out.stderr
+        assert "mknod" not in out.stdout
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(str(path))
+        q = FakeQemu(sock)
+        q.start()
+        assert q.fuse(Op.INIT, abi.INIT_IN.pack(7, 36, 0, 0, 0))[0] == 0
+        _, nodeid, _ = lookup(q, b"hello.txt")
+        assert read_file(q, nodeid) == (0, b"hello, guest\n")
+        assert q.fuse(Op.MKDIR, abi.MKDIR_IN.pack(0o755, 0) + b"made\0")[0] == 0
+        q.close()
+        assert proc.wait(10) == 0, proc.stderr.read() if proc.stderr else ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert (export / "made").is_dir()
+    start = next(json.loads(line) for line in trail.read_text().splitlines() if '"start"' in line)
+    assert start["sandbox"]["chroot"] == str(export) and start["sandbox"]["seccomp"] == "kill"
+    assert "mknod" not in start["sandbox"]["capabilities"]
 
 
 def test_too_many_fds_on_one_message_end_the_connection(tmp_path: Path, export: Path) -> None:

@@ -1,5 +1,6 @@
 """A real QEMU 7.2 guest (Debian's 6.1 kernel, its fuse.ko and virtiofs.ko) mounts `-t virtiofs` a share
-served by `gateway virtiofsd`, and by QEMU's own C virtiofsd as the reference, and reads it.
+served by `gateway virtiofsd`, and by QEMU's own C virtiofsd as the reference, and reads it; then the
+9p guest test's own workload (tests/guest/full.sh) as root in the guest, through a policy.
 
 The guest is the 9p harness's (tests/guest: busybox, gtool, the step/expect_fail console protocol);
 what differs is appended as a second cpio: an /init that loads the virtio and FUSE modules and mounts
@@ -11,13 +12,16 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import json
 import os
 import select
 import shutil
+import stat
 import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -45,7 +49,7 @@ step subdir same content "bb" "$(cat $M/dir/b)"
 step symlink same target "/etc/passwd" "$(readlink $M/escape)"
 step df eval 'df $M | tail -n 1'
 """
-# Only for the gateway, which serves read-only for now (the reference writes).
+# Only for the gateway with --readonly (the reference writes).
 READ_ONLY_SCRIPT = r"""
 expect_fail create eval 'echo x > $M/new'
 expect_fail mkdir mkdir $M/newdir
@@ -102,13 +106,18 @@ def _export(root: Path) -> str:
     return hashlib.md5(big).hexdigest()
 
 
-def _boot(backend: list[str], tmp: Path, script: str) -> tuple[dict[str, harness.Step], str, str]:
+def _boot(backend: list[str], tmp: Path, script: str, extra: tuple[str, ...] = (),
+          prepare: Callable[[Path], None] | None = None) -> tuple[dict[str, harness.Step], str, str]:
     export = tmp / "export"
     md5 = _export(export)
+    if prepare is not None:
+        prepare(export)
     initrd = _initramfs(tmp / "initrd.gz", tmp, md5, script)
     sock = tmp / "vfs.sock"
     log = (tmp / "backend.log").open("w+")
-    back = subprocess.Popen([*backend, f"--socket-path={sock}", "-o", f"source={export}", "-o", "cache=none"],
+    extra = (*extra, f"--audit-log={tmp / 'trail.jsonl'}") if backend is GATEWAY else extra
+    back = subprocess.Popen([*backend, f"--socket-path={sock}", "-o", f"source={export}", "-o", "cache=none",
+                             *extra],
                             stdout=log, stderr=subprocess.STDOUT, cwd=harness.REPO)
     try:
         deadline = time.monotonic() + 15
@@ -167,7 +176,8 @@ def test_guest_reads_a_virtiofs_share(backend: list[str], tmp_path: Path) -> Non
     if backend is REFERENCE and not os.access(REFERENCE[0], os.X_OK):
         pytest.skip("QEMU 7.2's virtiofsd is not installed")
     read_only = backend is GATEWAY
-    steps, console, log = _boot(backend, tmp_path, SCRIPT + (READ_ONLY_SCRIPT if read_only else ""))
+    steps, console, log = _boot(backend, tmp_path, SCRIPT + (READ_ONLY_SCRIPT if read_only else ""),
+                                ("--readonly",) if read_only else ())
     report = f"--- back-end log ---\n{log[-3000:]}\n--- console ---\n{console[-6000:]}"
     missing = [s for s in STEPS + (READ_ONLY_STEPS if read_only else []) if s not in steps]
     failed = [f"{s.name}: {s.detail}" for s in steps.values() if not s.ok]
@@ -177,3 +187,88 @@ def test_guest_reads_a_virtiofs_share(backend: list[str], tmp_path: Path) -> Non
         # The writes failed because the back-end refused them, not because of something in the guest.
         for name in ("create", "mkdir", "remove"):
             assert "Read-only file system" in steps[name].detail, report
+
+
+# The 9p guest test's workload, with what the gateway refuses on purpose (a device MKNOD: regular files
+# and FIFOs only), then what the policy below refuses, each with the rule's errno in the guest's shell.
+WRITE_POLICY = """
+version: 1
+tenant: vm
+default: allow
+rules:
+  - id: locked-read-only
+    effect: deny
+    ops: [write]
+    paths: ["/locked/**"]
+    errno: EROFS
+  - id: hide-secret
+    effect: deny
+    ops: [all]
+    paths: [/locked/secret.txt]
+    errno: ENOENT
+"""
+POLICY_SCRIPT = r"""
+expect_fail deny_create eval 'echo x >"$M/locked/new"'
+expect_fail deny_remove rm "$M/locked/keep"
+expect_fail deny_chmod chmod 0777 "$M/locked/keep"
+expect_fail deny_rename mv "$M/locked/keep" "$M/stolen"
+expect_fail deny_read cat "$M/locked/secret.txt"
+step bigwrite eval 'dd if=/dev/urandom of="$M/bigw" bs=1M count=4 2>/dev/null &&
+    md5sum "$M/bigw" | cut -d" " -f1 >"$M/bigw.md5"'
+"""
+POLICY_STEPS = ["deny_create", "deny_remove", "deny_chmod", "deny_rename", "deny_read", "bigwrite"]
+
+
+def _locked(export: Path) -> None:
+    for entry in export.iterdir():  # full.sh starts from an empty export, as in the 9p guest test
+        shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    (export / "locked").mkdir()
+    (export / "locked" / "keep").write_bytes(b"keep\n")
+    os.chmod(export / "locked" / "keep", 0o644)
+    (export / "locked" / "secret.txt").write_bytes(b"s3cret\n")
+
+
+@pytest.mark.guest
+@pytest.mark.root
+def test_guest_writes_through_the_policy(tmp_path: Path) -> None:
+    _skip_unless_ready()
+    full = harness.FULL_SCRIPT.read_text()
+    device = 'step mknod eval \'mknod -m 0600 "$M/null" c 1 3'
+    assert device in full
+    full = full.replace(device, 'expect_fail mknod eval \'mknod -m 0600 "$M/null" c 1 3')
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(WRITE_POLICY)
+    steps, console, log = _boot(GATEWAY, tmp_path, full + POLICY_SCRIPT, ("--policy", str(policy)),
+                                prepare=_locked)
+    report = f"--- back-end log ---\n{log[-3000:]}\n--- console ---\n{console[-6000:]}"
+    missing = [s for s in (*harness.FULL_STEPS, *POLICY_STEPS) if s not in steps]
+    failed = [f"{s.name}: {s.detail}" for s in steps.values() if not s.ok]
+    assert not missing and not failed, f"missing {missing}, failed {failed}\n{report}"
+    for name in ("deny_create", "deny_remove", "deny_chmod", "deny_rename"):
+        assert "Read-only file system" in steps[name].detail, report
+    assert "No such file or directory" in steps["deny_read"].detail, report
+    assert "Operation not permitted" in steps["mknod"].detail, report
+    export = tmp_path / "export"
+    # The host sees what the 9p guest test's host sees, but the device node the gateway refused.
+    problems = [p for p in harness.verify_full_export(export) if not p.startswith("null")]
+    assert not problems, f"{problems}\n{report}"
+    assert not (export / "null").exists()
+    md5 = hashlib.md5((export / "bigw").read_bytes()).hexdigest()
+    assert md5 == (export / "bigw.md5").read_text().strip()
+    # Nothing the policy refused changed the host.
+    assert sorted(os.listdir(export / "locked")) == ["keep", "secret.txt"]
+    assert not (export / "stolen").exists()
+    assert (export / "locked" / "keep").read_bytes() == b"keep\n"
+    assert stat.S_IMODE(os.lstat(export / "locked" / "keep").st_mode) == 0o644
+    # The trail: each refusal with its rule, and a chain that verifies.
+    recs = [json.loads(line) for line in (tmp_path / "trail.jsonl").read_text().splitlines()]
+    denied = {(r["op"], r["rule"], r["result"]) for r in recs if r.get("decision") == "deny"}
+    assert {("create", "locked-read-only", "EROFS"), ("remove", "locked-read-only", "EROFS"),
+            ("chmod", "locked-read-only", "EROFS"), ("rename", "locked-read-only", "EROFS"),
+            ("lstat", "hide-secret", "ENOENT")} <= denied, denied
+    released = [r for r in recs if r["event"] == "release" and r["path"] == "/bigw"]
+    assert released and sum(r["bytes_written"] for r in released) == 4 << 20, released
+    trail = str(tmp_path / "trail.jsonl")
+    check = subprocess.run([sys.executable, "-m", "gateway", "audit", "--verify", trail],
+                           capture_output=True, text=True, cwd=harness.REPO)
+    assert check.returncode == 0, check.stdout + check.stderr

@@ -1,7 +1,9 @@
 """`gateway virtiofsd`: virtiofsd's options (as libvirt and users pass them), the read-only back-end.
 
 Every option virtiofsd users pass is accepted; one that this first version does not act on says so on
-stderr ("not yet"), none is silently ignored.
+stderr ("not yet"), none is silently ignored. The gateway's own options (--policy, --tenant and
+--policy-dir, --audit-log, --audit-sync, --audit-syslog, --audit-seal-key) mean what they mean to
+`gateway serve`, read by its helpers (gateway.serve.policy_location, open_trail).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import sys
 # What QEMU 7.2's C virtiofsd prints for --print-capabilities (libvirt probes with it).
 CAPABILITIES = {"type": "fs"}
 # Options accepted with a value, or as flags, that do nothing yet.
-_NOT_YET_VALUED = ("--sandbox", "--seccomp", "--cache", "--translate-uid", "--translate-gid",
+_NOT_YET_VALUED = ("--cache", "--translate-uid", "--translate-gid",
                    "--thread-pool-size", "--socket-group", "--rlimit-nofile", "--modcaps",
                    "--inode-file-handles", "--xattrmap", "--uid-map", "--gid-map")
 _LEVELS = {"off": logging.CRITICAL + 1, "error": logging.ERROR, "warn": logging.WARNING, "info": logging.INFO,
@@ -36,10 +38,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]",
                         help="C virtiofsd's options: source=DIR; the others are reported 'not yet'")
     parser.add_argument("--print-capabilities", action="store_true", help="print the JSON libvirt probes for")
-    parser.add_argument("--readonly", action="store_true", help="read-only (this version always is)")
+    parser.add_argument("--readonly", action="store_true",
+                        help="serve read-only: every change is decided, recorded and refused (EROFS)")
     parser.add_argument("-f", "--foreground", action="store_true", help="accepted: it always runs in front")
     parser.add_argument("-d", "--debug", action="store_true", help="log each step on stderr")
     parser.add_argument("--log-level", choices=sorted(_LEVELS), default="info", help="what goes to stderr")
+    # The gateway's own options, as `gateway serve` has them (gateway.serve's helpers read them).
+    parser.add_argument("--policy", help="the policy to enforce (default: the built-in baseline)")
+    parser.add_argument("--tenant", help="the tenant stamped on every record; with --policy-dir, the "
+                        "policy DIR/NAME.yaml")
+    parser.add_argument("--policy-dir", help="the directory of per-tenant policies (with --tenant)")
+    parser.add_argument("--audit-log", help="the audit trail (default: the policy's audit.path, else "
+                        "/var/log/gateway/TENANT@CHANNEL.jsonl, CHANNEL from the socket path)")
+    parser.add_argument("--audit-sync", default="interval", choices=["every", "interval", "never"],
+                        help="fsync after every record, at most once a second (default), or never")
+    parser.add_argument("--audit-syslog", action="store_true", help="also send each record to /dev/log")
+    parser.add_argument("--audit-seal-key", help="seal the trail's checkpoints with this forward-secure key")
+    parser.add_argument("--sandbox", choices=["namespace", "chroot", "none"], default="chroot",
+                        help="chroot into the shared directory (namespace: the same, said on stderr); none: "
+                        "no chroot, every other wall stands")
+    parser.add_argument("--seccomp", choices=["kill", "trap", "log", "errno", "none"], default="kill",
+                        help="the system-call filter's action for a forbidden call (default kill)")
+    parser.add_argument("--no-landlock", dest="landlock", action="store_false",
+                        help="do not apply Landlock (the other walls stand)")
     for name in _NOT_YET_VALUED:
         parser.add_argument(name, dest=_dest(name), help="accepted, not yet acted on")
     for name in _NOT_YET_FLAGS:
@@ -51,8 +72,7 @@ def _dest(name: str) -> str:
 
 
 def _not_yet(what: str) -> None:
-    print(f"gateway virtiofsd: {what}: accepted, not yet acted on (this version serves read-only, "
-          "with no policy, trail or sandbox yet)", file=sys.stderr)
+    print(f"gateway virtiofsd: {what}: accepted, not yet acted on", file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -84,11 +104,51 @@ def run(args: argparse.Namespace) -> int:
     if (args.socket_path is None) == (args.fd is None):
         print("gateway virtiofsd: one of --socket-path PATH or --fd FD is required", file=sys.stderr)
         return 1
+    from gateway.rules import PolicyError, load_policy
+    from gateway.serve import open_trail, policy_location
     from gateway.virtiofs import daemon
 
+    # serve's helpers, on serve's option names: the trail's channel is the socket path (or, with --fd,
+    # the export), as for `gateway serve -s`/`-f`.
+    opts = argparse.Namespace(
+        policy=args.policy, policy_dir=args.policy_dir, tenant=args.tenant, audit_log=args.audit_log,
+        audit_sync=args.audit_sync, audit_syslog=args.audit_syslog, audit_seal_key=args.audit_seal_key,
+        console=False, socket=args.socket_path, path=shared,
+    )  # fmt: skip
+    try:
+        policy_path = policy_location(opts)
+        policy = load_policy(policy_path)
+    except (OSError, PolicyError) as exc:
+        print(f"gateway virtiofsd: refusing to serve: {exc}", file=sys.stderr)
+        return 1
+    tenant = args.tenant or policy.tenant
+    try:
+        trail = open_trail(opts, policy, tenant)
+    except (OSError, ValueError) as exc:
+        print(f"gateway virtiofsd: refusing to serve without an audit trail: {exc}", file=sys.stderr)
+        return 1
+    for note in trail.notes:
+        print(f"gateway virtiofsd: warning: {note}", file=sys.stderr)
     try:
         sock = daemon.listen(args.socket_path) if args.socket_path else socket.socket(fileno=args.fd)
     except OSError as exc:
         print(f"gateway virtiofsd: {args.socket_path or args.fd}: {exc}", file=sys.stderr)
+        trail.lifecycle("stop", reason=f"socket: {exc}")
+        trail.close()
         return 1
-    return daemon.run(shared, sock)
+    if args.sandbox == "namespace":
+        print("gateway virtiofsd: --sandbox namespace: no namespaces here; the chroot, capabilities, "
+              "no_new_privs, Landlock and the filter are applied", file=sys.stderr)
+    if args.seccomp == "none":
+        print("gateway virtiofsd: WARNING: --seccomp none: serving WITHOUT the system-call filter",
+              file=sys.stderr)
+    from gateway.sandbox import VIRTIOFS_CAPABILITIES, SandboxConfig
+    from gateway.seccomp_filter import VIRTIOFS_EXTRA
+
+    config = SandboxConfig(
+        os.path.abspath(shared), seccomp=args.seccomp, landlock=args.landlock,
+        capabilities=dict(VIRTIOFS_CAPABILITIES), extra_syscalls=VIRTIOFS_EXTRA,
+        chroot=args.sandbox != "none",
+    )  # fmt: skip
+    return daemon.run(shared, sock, policy=policy, policy_source=str(policy_path), trail=trail,
+                      readonly=args.readonly, sandbox=config)

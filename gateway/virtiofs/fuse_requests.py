@@ -2,7 +2,7 @@
 fields of the kernel's request struct (include/uapi/linux/fuse.h) and the names that follow it.
 
 These are what the file-system layer sees; ``fuse_decode`` builds them from bytes. ``RULES_OPS`` is how
-each is decided: the rules' ops (the 9p request names, plus ``readdir``, which 9p never needed).
+each is decided: the rules' ops (the 9p request names; gateway/virtiofs/policy.py builds the requests).
 """
 
 from __future__ import annotations
@@ -306,14 +306,15 @@ class Lseek(Request):
     whence: int
 
 
-# The rules' ops each request is decided as (gateway/rules: the 9p request names, plus readdir, which
-# 9p never needed). () means "not decided": the handle it uses was, when it was opened; SETATTR is
-# decided as each of chmod/chown/truncate/utime its ``valid`` bits ask for.
+# The rules' ops each request is decided as (gateway/rules: the 9p request names; OPENDIR is an open
+# with O_RDONLY|O_DIRECTORY, what a 9p guest's opendir sends). () means "not decided": the handle it
+# uses was, when it was opened; SETATTR is decided as each of chmod/chown/truncate/utime its ``valid``
+# bits ask for. gateway.virtiofs.policy.rules_requests builds the requests themselves.
 RULES_OPS: dict[type[Request], tuple[str, ...]] = {
     Lookup: ("lstat",), Getattr: ("lstat",), Access: ("lstat",), Readlink: ("readlink",),
     Setattr: ("chmod", "chown", "truncate", "utime"), Symlink: ("symlink",), Mknod: ("mknod",),
     Mkdir: ("mkdir",), Unlink: ("remove",), Rmdir: ("remove",), Rename: ("rename",), Rename2: ("rename",),
-    Link: ("link",), Open: ("open",), Opendir: ("readdir",), Create: ("create",), Statfs: ("statfs",),
+    Link: ("link",), Open: ("open",), Opendir: ("open",), Create: ("create",), Statfs: ("statfs",),
     Getxattr: ("lgetxattr",), Listxattr: ("llistxattr",), Setxattr: ("lsetxattr",),
     Removexattr: ("lremovexattr",), Readdir: (), Readdirplus: (), Read: (), Write: (), Release: (),
     Releasedir: (), Flush: (), Fsync: (), Fsyncdir: (), Fallocate: (), Lseek: (), Forget: (),

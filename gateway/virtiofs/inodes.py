@@ -3,9 +3,11 @@
 virtiofsd's model: a FUSE nodeid names an O_PATH fd the back-end holds, found by LOOKUP and kept until
 the guest FORGETs as many lookups as it was given. Here each entry also keeps ``path``, the canonical
 path inside the export that the lookup resolved (gateway.core.resolve, beneath the root fd): it is what
-the rules will decide on, so it must stay true. Today the table only grows by LOOKUP (and READDIRPLUS,
-which is a LOOKUP per entry); when RENAME and LINK are served, they update ``path`` of the entries they
-move, beneath the renamed one too (``rename_subtree``).
+the rules will decide on, so it must stay true. The table grows by LOOKUP (and READDIRPLUS, which is a
+LOOKUP per entry, and the entry a create-type request made); RENAME updates ``path`` of the entries it
+moves, beneath the renamed one too (``rename_subtree``); a LINK leaves the inode its first name, which
+still exists; UNLINK, RMDIR and a RENAME onto an existing name mark the inode whose path went away
+``removed`` (``removed``): nothing is then decided or done on it by path.
 
 Both tables are bounded: a guest that looks up more than ``max_inodes`` objects, or holds more than
 ``max_handles`` files open, gets ENFILE, and the back-end's own fd count stays bounded.
@@ -28,6 +30,9 @@ class Inode:
     key: tuple[int, int]  # (st_dev, st_ino): one nodeid per object, whatever name reached it
     nlookup: int = 0
     generation: int = 0
+    # Its path was unlinked, or renamed over (the guest may hold it until FORGET): ``path`` no longer
+    # names it, so nothing may be decided or done on it by path (ESTALE); its fd and handles still work.
+    removed: bool = False
 
 
 class TableFull(OSError):
@@ -58,6 +63,8 @@ class InodeTable:
         if known is not None:
             os.close(fd)
             known.nlookup += 1
+            if known.removed:  # found again by a name that exists: that name is its path now
+                known.path, known.removed = path, False
             return known
         if len(self._by_id) >= self.max_inodes:
             os.close(fd)
@@ -78,10 +85,19 @@ class InodeTable:
             del self._by_key[inode.key]
             os.close(inode.fd)
 
+    def removed(self, path: bytes, key: tuple[int, int] | None) -> None:
+        """``path`` no longer names the object ``key`` (unlinked, or replaced by a RENAME): its inode, if
+        the table has one under that path, is marked removed."""
+        inode = self._by_key.get(key) if key is not None else None
+        if inode is not None and inode.path == path and inode.nodeid != FUSE_ROOT_ID:
+            inode.removed = True
+
     def rename_subtree(self, old: bytes, new: bytes) -> None:
         """Keep canonical paths true after ``old`` became ``new`` (for RENAME, when it is served)."""
         prefix = old.rstrip(b"/") + b"/"
         for inode in self._by_id.values():
+            if inode.removed:
+                continue
             if inode.path == old:
                 inode.path = new
             elif inode.path.startswith(prefix):
@@ -103,6 +119,7 @@ class Handle:
     is_dir: bool
     entries: list[tuple[bytes, int, int]] | None = None  # a directory's listing: (name, ino, DT_*)
     bytes_read: int = 0
+    bytes_written: int = 0
 
 
 class HandleTable:

@@ -10,8 +10,9 @@ cannot lead out of the export, and the inode table records the canonical path th
 regular files are opened for reading and only directories for listing, by reopening the O_PATH fd
 (through /proc/self/fd, as virtiofsd does); a FIFO or a device is never opened.
 
-Not here yet (the next session): the rules' decision for each request (``fuse_requests.RULES_OPS``),
-the audit trail, the uid/gid of the guest's caller, the sandbox.
+With a ``gate`` (gateway.virtiofs.policy.Gate), every request is first decided by the policy, as the
+9p request it maps to (a deny gets the rule's errno and nothing is performed), and recorded in the
+trail before its reply goes back; the writes too, decided before this back-end refuses them (EROFS).
 """
 
 from __future__ import annotations
@@ -19,23 +20,32 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Callable
 
+from gateway import protocol as p
 from gateway.core.resolve import Resolver
 from gateway.virtiofs import fuse_encode as enc
 from gateway.virtiofs import fuse_requests as r
 from gateway.virtiofs.fuse_decode import Malformed
 from gateway.virtiofs.inodes import Handle, HandleTable, Inode, InodeTable
+from gateway.virtiofs.policy import Denied, Gate, join, reply_errno, rules_requests
 
 _WRITES = (r.Setattr, r.Symlink, r.Mknod, r.Mkdir, r.Unlink, r.Rmdir, r.Rename, r.Link, r.Write,
            r.Create, r.Setxattr, r.Removexattr, r.Fallocate)
 _NOT_SERVED = (r.Getxattr, r.Listxattr, r.Lseek)
+# Decided on the inode's own path before the handler runs (LOOKUP is decided on what it resolves to).
+_DECIDED_ON_INODE = frozenset({r.Getattr, r.Access, r.Readlink, r.Statfs, r.Open, r.Opendir})
 _ACCMODE_WRITE = os.O_WRONLY | os.O_RDWR
 MAX_READ = 1 << 20
 
 
 class ReadOnlyFs:
+    HANDLERS: dict[type, Callable[..., bytes | None]]  # set below the class (ExportFs: more)
+    DECIDED_ON_INODE: frozenset[type] = _DECIDED_ON_INODE
+
     def __init__(self, root_fd: int, proc_fd: int, *, max_inodes: int = 1 << 16,
-                 max_handles: int = 4096) -> None:
+                 max_handles: int = 4096, gate: Gate | None = None) -> None:
+        self.gate = gate  # the policy and the trail (gateway.virtiofs.policy); None: neither
         self.resolver = Resolver(root_fd, proc_fd)
         self.proc_fd = proc_fd
         self.inodes = InodeTable(root_fd, max_inodes)
@@ -52,15 +62,45 @@ class ReadOnlyFs:
         """The reply for one decoded request, or None when it gets none (FORGET)."""
         if isinstance(req, Malformed):
             return enc.reply_error(req.unique, req.errno) if req.reply else None
+        gate = self.gate
+        if gate is not None:
+            gate.begin()
         try:
-            return self._dispatch(req)
+            out = self._dispatch(req)
+        except Denied as denied:
+            out = enc.reply_error(req.unique, denied.errno)
         except (OSError, OverflowError, ValueError) as exc:
             # A guest value a system call cannot take (an offset past 2**63, say) is EINVAL, as the
             # kernel would say; nothing a guest sends may end the back-end.
             if isinstance(req, r.Forget | r.BatchForget):
                 return None
             err = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EINVAL
-            return enc.reply_error(req.unique, err)
+            out = enc.reply_error(req.unique, err)
+        # Recorded before the reply goes back; a reply the trail lacks is not sent (EIO instead).
+        if gate is not None and gate.pending and not gate.finish(reply_errno(out)):
+            out = enc.reply_error(req.unique, errno.EIO)
+        return out
+
+    def _check_inode(self, req: r.Request, inode: Inode, path2: bytes = b"") -> None:
+        """Decide the request(s) a FUSE request on ``inode`` maps to (a deny raises Denied)."""
+        gate = self.gate
+        if gate is None:
+            return
+        for request in rules_requests(req, inode.path, path2):
+            gate.check(request, lambda: os.fstat(inode.fd))
+
+    def _check_name(self, req: r.Request, parent: Inode, name: bytes) -> None:
+        """Decide a request that names an entry of ``parent`` (it is decided on parent/name)."""
+        gate = self.gate
+        if gate is None:
+            return
+        path = join(parent.path, name)
+        res = self.resolver.nofollow(path)
+        try:
+            for request in rules_requests(req, res.path):
+                gate.check(request, res.stat)
+        finally:
+            res.close()
 
     def _dispatch(self, req: r.Request) -> bytes | None:
         if isinstance(req, r.Init):
@@ -81,26 +121,69 @@ class ReadOnlyFs:
             self.inodes.close()
             self.initialized = False
             return enc.reply(req.unique)
-        if isinstance(req, _WRITES):
-            return enc.reply_error(req.unique, errno.EROFS)
-        if isinstance(req, _NOT_SERVED):
+        handler = self.HANDLERS.get(type(req))
+        if handler is None and isinstance(req, _NOT_SERVED):
             return enc.reply_error(req.unique, errno.ENOSYS)
         inode = self.inodes.get(req.nodeid)
         if inode is None:
             return enc.reply_error(req.unique, errno.ESTALE)
-        handler = _HANDLERS.get(type(req))
+        if handler is None and isinstance(req, _WRITES):
+            self._check_write(req, inode)  # decided (and recorded) even though read-only refuses it
+            return enc.reply_error(req.unique, errno.EROFS)
         if handler is None:
             return enc.reply_error(req.unique, errno.ENOSYS)
+        if type(req) in self.DECIDED_ON_INODE:
+            self._check_inode(req, inode)
         return handler(self, req, inode)
 
+    def _check_write(self, req: r.Request, inode: Inode) -> None:
+        if self.gate is None:
+            return
+        if isinstance(req, r.Rename):
+            newdir = self.inodes.get(req.newdir)
+            if newdir is None:
+                raise OSError(errno.ESTALE, "unknown new directory")
+            source = join(inode.path, req.oldname)
+            res = self.resolver.nofollow(source)
+            try:
+                for request in rules_requests(req, res.path, join(newdir.path, req.newname)):
+                    self.gate.check(request, res.stat)
+            finally:
+                res.close()
+            return
+        if isinstance(req, r.Link):
+            old = self.inodes.get(req.oldnodeid)
+            if old is None:
+                raise OSError(errno.ESTALE, "unknown inode")
+            self._check_inode(req, old, join(inode.path, req.newname))
+            return
+        name = getattr(req, "name", None)
+        if name is not None and not isinstance(req, r.Setxattr | r.Removexattr):
+            self._check_name(req, inode, name)
+        else:
+            self._check_inode(req, inode)
+
     # --- names ---------------------------------------------------------------------------------------
-    def _lookup(self, parent: Inode, name: bytes) -> tuple[Inode, os.stat_result]:
+    def _lookup(self, parent: Inode, name: bytes, req: r.Request | None = None, *,
+                check: bool = True) -> tuple[Inode, os.stat_result]:
+        """One lookup of parent/name. With a gate, decided as an lstat of the path it resolved to: as the
+        FUSE request ``req`` (a deny raises Denied, the record follows the reply), or for READDIRPLUS
+        (``req`` None) quietly, a denied entry then being left for the guest to LOOKUP (and be refused).
+        ``check`` False: the entry a decided request has just made (MKDIR's, CREATE's), not decided again."""
         if name in (b".", b".."):
             # Only the guest's NFS export code asks for these (FUSE_EXPORT_SUPPORT, not negotiated).
             raise OSError(errno.ENOENT, "no '.' or '..' lookups")
+        if parent.removed:
+            raise OSError(errno.ENOENT, "the directory was removed")
         path = parent.path.rstrip(b"/") + b"/" + name
         res = self.resolver.nofollow(path)
         try:
+            gate = self.gate if check else None  # (not for the entry a decided create made)
+            if gate is not None:
+                if req is not None:
+                    gate.check(p.Lstat(res.path), res.stat)
+                elif not gate.allows(p.Lstat(res.path), res.stat):
+                    raise OSError(errno.EACCES, "not prefetched: the policy decides its LOOKUP")
             if res.err:
                 raise OSError(res.err, os.strerror(res.err))
             if res.fd < 0:
@@ -120,7 +203,7 @@ class ReadOnlyFs:
         return enc.entry_out(inode.nodeid, inode.generation, enc.attr_from_stat(st))
 
     def lookup(self, req: r.Lookup, parent: Inode) -> bytes:
-        inode, st = self._lookup(parent, req.name)
+        inode, st = self._lookup(parent, req.name, req)
         return enc.reply(req.unique, self._entry(inode, st))
 
     def getattr(self, req: r.Getattr, inode: Inode) -> bytes:
@@ -169,8 +252,12 @@ class ReadOnlyFs:
 
     def release(self, req: r.Release, inode: Inode) -> bytes:
         is_dir = isinstance(req, r.Releasedir)
-        if self.handles.release(req.fh, is_dir) is None:
+        handle = self.handles.release(req.fh, is_dir)
+        if handle is None:
             return enc.reply_error(req.unique, errno.EBADF)
+        if self.gate is not None:
+            self.gate.released(handle.inode.path, is_dir=is_dir, bytes_read=handle.bytes_read,
+                               bytes_written=handle.bytes_written)
         return enc.reply(req.unique)
 
     def flush(self, req: r.Flush | r.Fsync, inode: Inode) -> bytes:
@@ -247,3 +334,4 @@ _HANDLERS = {
     r.Releasedir: ReadOnlyFs.release,
     r.Fsyncdir: ReadOnlyFs.flush,
 }
+ReadOnlyFs.HANDLERS = _HANDLERS
