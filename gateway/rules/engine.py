@@ -88,6 +88,9 @@ def _scan(root: Index, path: str, req: Any, hits: list[View], pend: list[View]) 
             ex = v.ex
             if ex is not None and ex(path) is not None:
                 continue
+            tpl = v.tpl
+            if tpl is not None and not tpl(path, req):
+                continue
             if v.obj:
                 state = v.pre(req)
                 if state == 1:
@@ -297,10 +300,17 @@ def _trace(c: Compiled, rule: model.Rule, slot: int, path: str, req: Any,
         if rule.when.type is not None:
             return "no-match", f"{op} never creates a {', '.join(_type_words(rule.when.type))}"
         return "no-match", f"conditions never hold for {op}"
+    using = _using(rule, req)
     if rule.paths is not None and not rule.paths.matches(path):
-        return "no-match", f"{path} matches none of paths [{', '.join(rule.paths.patterns)}]"
+        return "no-match", f"{path} matches none of paths [{', '.join(_patterns(rule))}]{using}"
     if rule.except_ is not None and rule.except_.matches(path):
-        return "no-match", f"{path} is excepted by '{rule.except_.which(path)}'"
+        return "no-match", f"{path} is excepted by '{rule.except_.which(path)}'{using}"
+    if view.tpl is not None and not view.tpl(path, req):
+        if rule.paths_tpl is not None and not _tpl_paths_match(rule, path, req):
+            return "no-match", f"{path} matches none of paths [{', '.join(_patterns(rule))}]{using}"
+        return "no-match", f"{path} is excepted by one of [{', '.join(rule.except_tpl or ())}]{using}"
+    if view.selfref and obj is not None:
+        obj = model.bind_self(obj, req)
     for cond in view.when:
         if not cond.test(req):
             return "no-match", f"needs {cond.text}; {cond.key} is {cond.actual(req)}"
@@ -308,7 +318,7 @@ def _trace(c: Compiled, rule: model.Rule, slot: int, path: str, req: Any,
     if unless_cheap and not view.unless_obj:
         return "no-match", f"unless holds: {'; '.join(cond.text for cond in view.unless)}"  # type: ignore[union-attr]
     if not view.obj or (not view.when_obj and not unless_cheap):
-        return "matched", f"all conditions hold ({_summary(view)})"
+        return "matched", f"all conditions hold ({_summary(view, req)})"
     if obj is None:
         return "not-evaluated", "needs the object's attributes; not looked up (could not change the outcome)"
     for cond in view.when_obj:
@@ -317,7 +327,33 @@ def _trace(c: Compiled, rule: model.Rule, slot: int, path: str, req: Any,
     if unless_cheap and all(cond.test(obj) for cond in view.unless_obj):
         conds = [*view.unless, *view.unless_obj]  # type: ignore[misc]
         return "no-match", f"unless holds: {'; '.join(cond.text for cond in conds)}"
-    return "matched", f"all conditions hold ({_summary(view)})"
+    return "matched", f"all conditions hold ({_summary(view, req)})"
+
+
+def _patterns(rule: model.Rule) -> tuple[str, ...]:
+    return rule.paths_tpl if rule.paths_tpl is not None else rule.paths.patterns  # type: ignore[union-attr]
+
+
+def _tpl_paths_match(rule: model.Rule, path: str, req: Any) -> bool:
+    from gateway.rules.compiler import substitute
+    from gateway.rules.globs import GlobSet
+
+    uid, gid = getattr(req, "uid", None), getattr(req, "gid", None)
+    return GlobSet.compile([substitute(p, uid, gid) for p in rule.paths_tpl or ()]).matches(path)
+
+
+def _using(rule: model.Rule, req: Any) -> str:
+    """The variables a rule's patterns use, with their values: " (${uid}=1001; ${homes}=/home/*)"."""
+    parts = []
+    if rule.paths_tpl is not None or rule.except_tpl is not None:
+        text = " ".join((*(rule.paths_tpl or ()), *(rule.except_tpl or ())))
+        for name in model.REQUEST_VARS:
+            if "${" + name + "}" in text:
+                value = getattr(req, name, None)
+                parts.append(f"${{{name}}}={value if value is not None else 'unknown'}")
+    if rule.vars_text:
+        parts.append(rule.vars_text)
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def _type_words(types: frozenset[int]) -> list[str]:
@@ -326,8 +362,9 @@ def _type_words(types: frozenset[int]) -> list[str]:
     return sorted(names.FILE_TYPE_NAMES.get(t, str(t)) for t in types)
 
 
-def _summary(view: View) -> str:
+def _summary(view: View, req: Any = None) -> str:
     parts = [cond.text for cond in (*view.when, *view.when_obj)]
     if view.rule.paths is not None:
-        parts.insert(0, f"path matches {', '.join(view.rule.paths.patterns)}")
-    return "; ".join(parts) if parts else "no conditions"
+        parts.insert(0, f"path matches {', '.join(_patterns(view.rule))}")
+    text = "; ".join(parts) if parts else "no conditions"
+    return text + _using(view.rule, req)
