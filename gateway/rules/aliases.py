@@ -130,10 +130,12 @@ def _template_reaches(view: Any, path: str, comps: list[str], req: Any) -> bool:
     from gateway.rules.globs import GlobSet
 
     rule = view.rule
+    if view.tpl is None:
+        return True
     uid, gid = getattr(req, "uid", None), getattr(req, "gid", None)
-    if rule.paths_tpl is not None:
-        if not GlobSet.compile([substitute(p, uid, gid) for p in rule.paths_tpl]).reaches(path):
-            return False
+    paths = rule.paths_tpl
+    if paths is not None and not GlobSet.compile([substitute(p, uid, gid) for p in paths]).reaches(path):
+        return False
     if rule.except_tpl is not None:
         ex = GlobSet.compile([substitute(p, uid, gid) for p in rule.except_tpl])
         if any(p.kind == "subtree" and tuple(comps[: len(p.prefix)]) == p.prefix for p in ex.placements):
@@ -250,7 +252,7 @@ def reaching(root: AliasNode | None, path: str, req: Any, *, unconditional: bool
                 continue
             if view.tpl is not None and not view.tpl(path, req):
                 continue
-        elif _excepted_below(view, comps) or (view.tpl is not None and not _template_reaches(view, path, comps, req)):
+        elif _excepted_below(view, comps) or not _template_reaches(view, path, comps, req):
             continue
         best = view
     return best
