@@ -429,61 +429,64 @@ def _gather(raw: bytes, source: str, reader: Reader | None, depth: int | None,
     """The policy's file and every file it includes, included ones first (each once), parsed."""
     units: list[_Unit] = []
     main_name = os.path.basename(source)
-    seen = {main_name}
-    where = os.path.dirname(source)
-
-    def visit(raw: bytes, source: str, name: str, chain: tuple[str, ...]) -> None:
-        try:
-            data, lines = read_yaml(_decode(raw, source), source, depth)
-        except PolicyError as err:
-            problems.extend(err.problems)
-            return
-        inc = data.pop("include", None) if isinstance(data, dict) else None
-        if inc is not None:
-            items = [inc] if isinstance(inc, str) else inc
-            if not isinstance(items, list):
-                problems.append(Problem(source, schema.line_of(("include",), lines), "include",
-                                        "must be a list of file names, relative to this file"))
-                items = []
-            for j, item in enumerate(items):
-                line, field = schema.line_of(("include", j), lines), f"include[{j}]"
-                if not isinstance(item, str) or not item or "\0" in item:
-                    problems.append(Problem(source, line, field, "must be a file name"))
-                    continue
-                target = posixpath.normpath(posixpath.join(posixpath.dirname(name), item))
-                if item.startswith("/") or target == ".." or target.startswith("../"):
-                    problems.append(Problem(source, line, field, f"'{item}' is not beneath the policy's "
-                                            "directory: an include names a file relative to the including "
-                                            "one, inside the policy's directory (all a reload can read)"))
-                    continue
-                if target in chain:
-                    cycle = " -> ".join((*chain, target))
-                    problems.append(Problem(source, line, field, f"include cycle: {cycle}"))
-                    continue
-                if target in seen:
-                    continue  # included already (a diamond): its rules once
-                seen.add(target)
-                if len(seen) > MAX_INCLUDES:
-                    problems.append(Problem(source, line, field, f"more than {MAX_INCLUDES} files included"))
-                    return
-                shown = os.path.join(where, target)
-                if reader is None:
-                    problems.append(Problem(source, line, field, f"cannot read '{item}': a policy given as "
-                                            "text has no directory to include from"))
-                    continue
-                try:
-                    raw2 = reader(target)
-                except OSError as err:
-                    why = ("it is not beneath the policy's directory" if err.errno == errno_mod.EXDEV
-                           else err.strerror)
-                    problems.append(Problem(source, line, field, f"cannot read '{item}' ({shown}): {why}"))
-                    continue
-                visit(raw2, shown, target, (*chain, target))
-        if not chain[1:] or isinstance(data, dict):
-            units.append(_Unit(source, name, raw, data, lines, not chain[1:]))
-
-    visit(raw, source, main_name, (main_name,))
+    _visit(raw, source, main_name, (main_name,), reader, depth, problems, units, {main_name},
+           os.path.dirname(source))
     return units
+
+
+def _visit(raw: bytes, source: str, name: str, chain: tuple[str, ...], reader: Reader | None,
+           depth: int | None, problems: list[Problem], units: list[_Unit], seen: set[str],
+           where: str) -> None:
+    # A function of its own, not a closure calling itself: that would be a cycle holding every file's
+    # parse, and the load freezes what the collector has not freed (_gc_paused).
+    try:
+        data, lines = read_yaml(_decode(raw, source), source, depth)
+    except PolicyError as err:
+        problems.extend(err.problems)
+        return
+    inc = data.pop("include", None) if isinstance(data, dict) else None
+    if inc is not None:
+        items = [inc] if isinstance(inc, str) else inc
+        if not isinstance(items, list):
+            problems.append(Problem(source, schema.line_of(("include",), lines), "include",
+                                    "must be a list of file names, relative to this file"))
+            items = []
+        for j, item in enumerate(items):
+            line, field = schema.line_of(("include", j), lines), f"include[{j}]"
+            if not isinstance(item, str) or not item or "\0" in item:
+                problems.append(Problem(source, line, field, "must be a file name"))
+                continue
+            target = posixpath.normpath(posixpath.join(posixpath.dirname(name), item))
+            if item.startswith("/") or target == ".." or target.startswith("../"):
+                problems.append(Problem(source, line, field, f"'{item}' is not beneath the policy's "
+                                        "directory: an include names a file relative to the including "
+                                        "one, inside the policy's directory (all a reload can read)"))
+                continue
+            if target in chain:
+                cycle = " -> ".join((*chain, target))
+                problems.append(Problem(source, line, field, f"include cycle: {cycle}"))
+                continue
+            if target in seen:
+                continue  # included already (a diamond): its rules once
+            seen.add(target)
+            if len(seen) > MAX_INCLUDES:
+                problems.append(Problem(source, line, field, f"more than {MAX_INCLUDES} files included"))
+                return
+            shown = os.path.join(where, target)
+            if reader is None:
+                problems.append(Problem(source, line, field, f"cannot read '{item}': a policy given as "
+                                        "text has no directory to include from"))
+                continue
+            try:
+                raw2 = reader(target)
+            except OSError as err:
+                why = ("it is not beneath the policy's directory" if err.errno == errno_mod.EXDEV
+                       else err.strerror)
+                problems.append(Problem(source, line, field, f"cannot read '{item}' ({shown}): {why}"))
+                continue
+            _visit(raw2, shown, target, (*chain, target), reader, depth, problems, units, seen, where)
+    if not chain[1:] or isinstance(data, dict):
+        units.append(_Unit(source, name, raw, data, lines, not chain[1:]))
 
 
 def _variables(units: list[_Unit], problems: list[Problem]) -> tuple[dict[str, str], dict[str, str]]:
@@ -611,20 +614,28 @@ def _analyse(raw: bytes, source: str, reader: Reader | None, depth: int | None) 
             data = {"version": 1, "default": "deny", **{k: data[k] for k in ("rules", "tests") if k in data}}
         found, unit.doc, unit.tests = _checked(data, unit.lines, unit.source, ids)
         problems += found
-    # Rule ids are one namespace across the files.
-    first: dict[Any, str] = {}
+    if len(units) > 1:
+        problems += _duplicates_across(units)
+    return problems, units, values, templates
+
+
+def _duplicates_across(units: list[_Unit]) -> list[Problem]:
+    """Rule ids are one namespace across the files (each file's own duplicates are _semantic's)."""
+    problems = []
+    first: dict[Any, tuple[_Unit, int]] = {}
     for unit in units:
         rules = unit.data.get("rules") if isinstance(unit.data, dict) else None
         for i, rule in enumerate(rules if isinstance(rules, list) else []):
             rid = rule.get("id") if isinstance(rule, dict) else None
             if not isinstance(rid, str):
                 continue
-            here = f"{unit.source}:{schema.line_of(('rules', i), unit.lines)}"
-            if rid in first and not first[rid].startswith(unit.source + ":"):
+            if rid in first and first[rid][0] is not unit:
+                other, j = first[rid]
                 problems.append(Problem(unit.source, schema.line_of(("rules", i, "id"), unit.lines),
-                                        f"rules[{i}].id", f"duplicate rule id '{rid}' (also {first[rid]})"))
-            first.setdefault(rid, here)
-    return problems, units, values, templates
+                                        f"rules[{i}].id", f"duplicate rule id '{rid}' (also "
+                                        f"{other.source}:{schema.line_of(('rules', j), other.lines)})"))
+            first.setdefault(rid, (unit, i))
+    return problems
 
 
 def _read(raw: bytes, source: str, base: Path | None, reader: Reader | None) -> dict[str, Any]:
