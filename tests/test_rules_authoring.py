@@ -210,6 +210,7 @@ def test_a_load_leaves_no_parse_behind(tmp_path: Path) -> None:
 
     from gateway.rules import loader
 
-    d = _tree(tmp_path, {"p.yaml": "version: 1\ndefault: allow\ninclude: [a.yaml]\n", "a.yaml": RULE.format("a")})
+    d = _tree(tmp_path, {"p.yaml": "version: 1\ndefault: allow\ninclude: [a.yaml]\n",
+                         "a.yaml": RULE.format("a")})
     load_policy(d / "p.yaml")
     assert not [o for o in gc.get_objects() if type(o) is loader._Unit]
