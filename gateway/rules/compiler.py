@@ -268,15 +268,36 @@ def all_of(conds: list[Cond]) -> Test | None:
 class View:
     """A rule as compiled for one slot. ``pre``/``res`` exist only for rules that read the object."""
 
-    __slots__ = ("always", "chk", "deny", "enforce", "ex", "id", "obj", "pre", "prio", "res", "rule",
-                 "selfref", "solo", "tpl", "unless", "unless_obj", "when", "when_obj")
+    __slots__ = (
+        "always",
+        "chk",
+        "deny",
+        "enforce",
+        "ex",
+        "id",
+        "obj",
+        "otpl",
+        "pre",
+        "prio",
+        "res",
+        "rule",
+        "selfref",
+        "solo",
+        "tpl",
+        "unless",
+        "unless_obj",
+        "when",
+        "when_obj",
+    )
 
     def __init__(self, rule: Rule, prio: int, when: list[Cond], unless: list[Cond] | None,
                  when_obj: list[Cond], unless_obj: list[Cond], enforce: bool,
-                 tpl: Callable[[str, Any], bool] | None = None) -> None:
+                 tpl: Callable[..., bool] | None = None, otpl: Callable[..., bool] | None = None) -> None:
         self.rule = rule
-        # ${uid}/${gid} in paths: (path, request) -> whether the patterns with the request's ids hold
+        # ${uid}/${gid} in paths: (path, request) -> whether the patterns with the request's ids hold;
+        # ${owner}/${group}: (path, request, object), tested once the object is known (the engine's _settle)
         self.tpl = tpl
+        self.otpl = otpl
         self.id = rule.id
         self.deny = rule.deny
         self.always = rule.always
@@ -291,7 +312,7 @@ class View:
         self.enforce = enforce
         w = all_of(when)
         u = all_of(unless) if unless is not None else None
-        self.obj = bool(when_obj or (unless is not None and unless_obj))
+        self.obj = bool(when_obj or (unless is not None and unless_obj) or otpl is not None)
         self.selfref = False
         if not self.obj:
             # chk: None (always holds) or one call covering `when` and `not unless`
@@ -307,6 +328,7 @@ class View:
         wo = all_of(when_obj)
         uo = all_of(unless_obj)
         has_unless = unless is not None
+        certain = otpl is None  # with ${owner} in paths nothing holds whatever the object
 
         def pre(r: Any) -> int:
             """0: cannot match; 1: matches whatever the object; 2: depends on the object."""
@@ -315,7 +337,7 @@ class View:
             unless_open = has_unless and (u is None or u(r))
             if unless_open and uo is None:
                 return 0
-            if wo is None and not unless_open:
+            if wo is None and not unless_open and certain:
                 return 1
             return 2
 
@@ -345,29 +367,40 @@ def _selfref(rule: Rule) -> bool:
     return any(c is not None and c.object is not None and c.object.selfref for c in (rule.when, rule.unless))
 
 
-def substitute(pattern: str, uid: int | None, gid: int | None) -> str:
-    """A pattern with ${uid} and ${gid} replaced by the request's ids (globs.py has no `$`-syntax: the
-    digits are literal)."""
-    return pattern.replace("${uid}", str(uid)).replace("${gid}", str(gid))
+def substitute(pattern: str, uid: int | None, gid: int | None, owner: int | None = None,
+               group: int | None = None) -> str:
+    """A pattern with ${uid}, ${gid}, ${owner} and ${group} replaced by their values (globs.py has no
+    `$`-syntax: the digits are literal; an unknown value is "None", which no id component matches)."""
+    for name, value in (("uid", uid), ("gid", gid), ("owner", owner), ("group", group)):
+        pattern = pattern.replace("${" + name + "}", str(value))
+    return pattern
 
 
-def template_test(rule: Rule) -> Callable[[str, Any], bool]:
-    """(path, request) -> True when the path matches the rule's ``paths`` and none of its templated
-    ``except`` patterns, ${uid} and ${gid} being the request's. Each (uid, gid) compiles once."""
+def template_vars(rule: Rule) -> tuple[bool, bool]:
+    """Whether the rule's patterns use the request's ids (${uid}, ${gid}), the object's (${owner},
+    ${group})."""
+    text = " ".join((*(rule.paths_tpl or ()), *(rule.except_tpl or ())))
+    return ("${uid}" in text or "${gid}" in text), ("${owner}" in text or "${group}" in text)
+
+
+def template_test(rule: Rule, with_except: bool = True) -> Callable[..., bool]:
+    """(path, request[, object]) -> True when the path matches the rule's ``paths`` and none of its
+    templated ``except`` patterns, the variables being the request's ids and the object's. Each set of
+    values compiles once."""
     from gateway.rules.globs import GlobSet
 
-    paths_tpl, except_tpl = rule.paths_tpl, rule.except_tpl
-    cache: dict[tuple[Any, Any], tuple[Any, Any]] = {}
+    paths_tpl, except_tpl = rule.paths_tpl, rule.except_tpl if with_except else None
+    cache: dict[tuple[Any, ...], tuple[Any, Any]] = {}
 
-    def test(path: str, r: Any) -> bool:
-        uid, gid = getattr(r, "uid", None), getattr(r, "gid", None)
-        key = (uid, gid)
+    def test(path: str, r: Any, o: Any = None) -> bool:
+        key = (getattr(r, "uid", None), getattr(r, "gid", None), getattr(o, "owner", None),
+               getattr(o, "group", None))
         hit = cache.get(key)
         if hit is None:
             if len(cache) >= 1024:
                 cache.clear()
-            hit = cache[key] = tuple(
-                GlobSet.compile([substitute(p, uid, gid) for p in pats]).fullmatch if pats else None
+            hit = cache[key] = tuple(  # type: ignore[assignment]
+                GlobSet.compile([substitute(p, *key) for p in pats]).fullmatch if pats else None
                 for pats in (paths_tpl, except_tpl)
             )
         m, ex = hit
@@ -549,19 +582,23 @@ def _view(rule: Rule, slot: int, prio: int, when_obj: list[Cond], unless_obj: li
     when = request_conds(rule.when, slot)
     if when is None:
         return None  # a `when` condition reads a field this request type does not have
-    tpl = None
+    tpl = otpl = None
     if _templated(rule):
-        if slot in model.ID_SLOTS:
+        ids, objects = template_vars(rule)
+        if ids and slot not in model.ID_SLOTS:
+            if rule.paths_tpl is not None:
+                return None  # ${uid} in paths where the request has no uid: no path matches
+            # else: only `except` has them, and an exception on something unknown does not apply
+        elif objects:
+            otpl = template_test(rule)
+        else:
             tpl = template_test(rule)
-        elif rule.paths_tpl is not None:
-            return None  # ${uid} in paths where the request has no uid: no path matches
-        # else: only `except` has them, and an exception on something unknown does not apply
     unless = request_conds(rule.unless, slot) if rule.unless is not None else None
     unless_obj_here = unless_obj + object_type_cond(rule.unless, slot)
     if rule.unless is not None and unless is not None and not unless and not unless_obj_here:
         return None  # `unless` holds whatever the request: the rule can never apply here
     return View(rule, prio, when, unless, when_obj + object_type_cond(rule.when, slot),
-                unless_obj_here if unless is not None else [], enforce, tpl)
+                unless_obj_here if unless is not None else [], enforce, tpl, otpl)
 
 
 def compile_rules(rules: tuple[Rule, ...], default: str, enforcement: str) -> Compiled:

@@ -506,9 +506,9 @@ def _variables(units: list[_Unit], problems: list[Problem]) -> tuple[dict[str, s
             field = f"vars.{name}"
             if not isinstance(name, str) or not _VAR_NAME.match(name):
                 problems.append(Problem(unit.source, line, field, "names are letters, digits and _"))
-            elif name in model.REQUEST_VARS:
-                problems.append(Problem(unit.source, line, field, f"${{{name}}} is the request's: it cannot "
-                                        "be defined"))
+            elif name in model.PATH_VARS:
+                problems.append(Problem(unit.source, line, field, f"${{{name}}} is the request's (or its "
+                                        "object's): it cannot be defined"))
             elif not isinstance(value, str) or "${" in value:
                 problems.append(Problem(unit.source, line, field, "must be path text without variables"))
             elif name in values and values[name] != value:
@@ -549,22 +549,22 @@ def _substitute(unit: _Unit, values: dict[str, str], problems: list[Problem]) ->
                 def one(m: re.Match[str], j: int = j, i: int = i, key: str = key,
                         used: dict[str, str] = used) -> str:
                     name = m.group(1)
-                    if name in model.REQUEST_VARS:
+                    if name in model.PATH_VARS:
                         return m.group(0)
                     if name in values:
                         used[name] = values[name]
                         return values[name]
-                    known = ", ".join(sorted(values) + list(model.REQUEST_VARS))
+                    known = ", ".join(sorted(values) + list(model.PATH_VARS))
                     problems.append(Problem(unit.source, schema.line_of(("rules", i, key, j), unit.lines),
                                             f"rules[{i}].{key}[{j}]", f"unknown variable ${{{name}}} "
                                             f"(known: {known}){schema.did_you_mean(name, sorted(values))}"))
                     return "x"
 
                 text = _VAR.sub(one, pat)
-                if "${uid}" in text or "${gid}" in text:
+                if any("${" + v + "}" in text for v in model.PATH_VARS):
                     tpl.append(text)
                     if key == "paths":
-                        plain.append(text.replace("${uid}", "*").replace("${gid}", "*"))
+                        plain.append(_VAR.sub("*", text))  # the superset the index places
                 else:
                     plain.append(text)
                     if key == "paths":

@@ -104,6 +104,10 @@ FIELD_SLOTS: dict[str, frozenset[int]] = {
 ID_SLOTS = FIELD_SLOTS["uid"]
 assert FIELD_SLOTS["gid"] == ID_SLOTS
 REQUEST_VARS = ("uid", "gid")
+# ${owner} and ${group} in paths: the object's owner and group as the guest sees them (after `ids:`), so
+# "/home/u${owner}/**" is "in the home of whoever owns the object"; they need the object looked up.
+OBJECT_VARS = ("owner", "group")
+PATH_VARS = REQUEST_VARS + OBJECT_VARS
 
 TWO_PATH = frozenset({RT.RENAME, RT.LINK})
 
