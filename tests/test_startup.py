@@ -320,8 +320,9 @@ def test_a_stop_signal_while_waiting_ends_with_a_stop_record(export: Path, tmp_p
             os.kill(proc.pid, sig)
             assert proc.wait(10) == 0
             assert next(messages)["STOPPING"] == "1"
-    stop = _records(tmp_path / "trail.jsonl")[-1]
+    *_, stop, final = _records(tmp_path / "trail.jsonl")
     assert stop["event"] == "stop" and "stopped by a signal" in str(stop["reason"])
+    assert final["event"] == "checkpoint" and final["final"] is True  # the trail closed properly
 
 
 def test_sigterm_while_serving_answers_the_request_in_flight_then_stops(export: Path, tmp_path: Path) -> None:
@@ -334,5 +335,7 @@ def test_sigterm_while_serving_answers_the_request_in_flight_then_stops(export: 
         assert replies == [12] * 50
     records = _records(tmp_path / "trail.jsonl")
     assert [r["seq"] for r in records] == list(range(1, len(records) + 1))  # the chain whole to the end
-    assert records[-1]["event"] == "stop" and records[-1]["requests"] == 50
-    assert "stopped by a signal" in str(records[-1]["reason"])
+    *_, stop, final = records
+    assert stop["event"] == "stop" and stop["requests"] == 50
+    assert "stopped by a signal" in str(stop["reason"])
+    assert final["event"] == "checkpoint" and final["final"] is True  # sealed to the end

@@ -691,7 +691,7 @@ class AuditWriter:
             self._emit(body + _members(record, _CHAIN_KEYS), now, "checkpoint", None, None, None, 0)
         except OSError as exc:
             self._fail(exc.strerror or str(exc))
-            log.error("audit checkpoint not written: %s", exc.strerror or exc)
+            log.error("audit checkpoint not written %s", kv(error=exc.strerror or str(exc)))
             return False
         finally:
             self._cp_first = self._seq
@@ -704,7 +704,7 @@ class AuditWriter:
                 self._seal = None
                 seal.close()
                 self.notes.append(f"sealing stopped: cannot evolve the key in {seal.path} ({exc})")
-                log.error("audit: sealing stopped: cannot evolve the key in %s (%s)", seal.path, exc)
+                log.error("audit: sealing stopped, cannot evolve the key %s", kv(key=seal.path, error=exc))
         return True
 
     def checkpoint_if_due(self) -> bool:

@@ -15,13 +15,15 @@ as ``\\x{HEX}`` (see ``literal``), which covers surrogates too, so a pattern nev
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import re2
 
 NEVER = r"[^\x{0}-\x{10FFFF}]"  # matches no character at all: RE2 has no (?!) to say "never"
 
 _OPTIONS = re2.Options()
+_ANCHOR_BOTH = re2._Anchor.ANCHOR_BOTH
+_NO_SPAN = (-1, -1)  # RE2's span of a group (here: the whole match) that did not match
 _OPTIONS.never_capture = True  # groups are only for structure; capturing costs time and memory
 _OPTIONS.dot_nl = True  # a path may contain a newline, and "." must still match it
 _OPTIONS.log_errors = False  # errors are raised to the caller; RE2's own log would go to stderr
@@ -52,23 +54,33 @@ class Matcher:
     A source of at most LAZY_MAX characters is compiled at its first use (``compiled`` says whether it
     has been); a longer one at once, so that a source RE2 refuses raises MatchError here."""
 
-    __slots__ = ("_rx", "pattern")
+    __slots__ = ("_match", "_rx", "pattern")
 
     def __init__(self, pattern: str) -> None:
         self.pattern = pattern
-        self._rx = re2.compile(pattern, _OPTIONS) if len(pattern) > LAZY_MAX else None
+        self._rx: re2._Regexp | None = None
+        self._match: Callable[..., list[tuple[int, int]]] | None = None
+        if len(pattern) > LAZY_MAX:
+            self._program()
 
     def _program(self) -> re2._Regexp:
         rx = self._rx
         if rx is None:
             rx = self._rx = re2.compile(self.pattern, _OPTIONS)
+            # The program's own Match, called directly: the wrapper's fullmatch goes through a generator
+            # and builds a match object per call, twice the cost of the match itself on a short path.
+            self._match = rx._regexp.Match
         return rx
 
     def fullmatch(self, text: str) -> object | None:
-        rx = self._rx
-        if rx is None:
-            rx = self._program()
-        return rx.fullmatch(_encode(text))
+        match = self._match
+        if match is None:
+            self._program()
+            match = self._match
+            assert match is not None
+        data = _encode(text)
+        spans = match(_ANCHOR_BOTH, data, 0, len(data))
+        return None if spans[0] == _NO_SPAN else spans
 
     @property
     def compiled(self) -> bool:

@@ -14,6 +14,7 @@ import select
 import socket
 import stat
 
+from gateway.logfmt import kv
 from gateway.virtiofs.device import Device
 from gateway.virtiofs.readonly_fs import ReadOnlyFs
 from gateway.virtiofs.vhost_user_abi import MAX_FDS
@@ -91,7 +92,7 @@ def run(shared_dir: str, sock: socket.socket) -> int:
                 reason = serve_connection(conn, device)
         finally:
             device.close()
-        log.info("front-end gone: %s", reason)
+        log.info("front-end gone %s", kv(reason=reason))
         return 0
     finally:
         fs.close()

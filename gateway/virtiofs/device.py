@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from gateway.logfmt import kv
 from gateway.virtiofs import vhost_user as vu
 from gateway.virtiofs.fuse_decode import Malformed, decode
 from gateway.virtiofs.fuse_encode import reply_error
@@ -71,9 +72,11 @@ class Device:
                 self._drop_rings()
                 self._drop_memory()
             elif isinstance(event, vu.FeaturesSet):
-                log.info("features %#x (EVENT_IDX %s, INDIRECT_DESC %s)", event.features,
-                         "on" if event.features & VIRTIO_RING_F_EVENT_IDX else "off",
-                         "on" if event.features & VIRTIO_RING_F_INDIRECT_DESC else "off")
+                log.info("features %s", kv(
+                    features=f"{event.features:#x}",
+                    event_idx="on" if event.features & VIRTIO_RING_F_EVENT_IDX else "off",
+                    indirect_desc="on" if event.features & VIRTIO_RING_F_INDIRECT_DESC else "off",
+                ))
             elif isinstance(event, vu.Disconnect):
                 self.closed_reason = event.reason
         return bytes(out)
@@ -156,7 +159,7 @@ class Device:
                 try:
                     chain = queue.pop()
                 except ChainError as exc:
-                    log.warning("virtiofs: %s", exc)
+                    log.warning("virtiofs: bad chain %s", kv(error=str(exc)))
                     queue.push(exc.head, 0)
                     served += 1
                     continue
@@ -170,7 +173,7 @@ class Device:
                 except Exception:
                     # A bug of ours must not take the guest's file system down with it: this request
                     # fails (EIO), the loop goes on, and the log says what happened.
-                    log.exception("virtiofs: serving %r", request)
+                    log.exception("virtiofs: serving failed %s", kv(request=type(request).__name__))
                     reply = reply_error(request.unique, errno.EIO)
                 written = 0
                 if reply is not None:
