@@ -248,3 +248,18 @@ def test_the_multi_tenant_policy_is_one_rule_per_kind() -> None:
 
     results = run_tests(p)
     assert any(r.test.name == "bob plants a file in alice's home" and r.passed for r in results)
+
+
+def test_a_failing_test_and_a_lint_finding_in_an_included_file_name_that_file(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    d = _tree(tmp_path, {
+        "p.yaml": "version: 1\ndefault: allow\ninclude: [lib/a.yaml]\n",
+        "lib/a.yaml": "rules:\n  - {id: a, effect: deny, ops: [mkdir], paths: ['/a/**']}\n"
+                      "tests:\n  - request: 'lstat /a/x'\n    expect: deny\n",
+    })
+    out = subprocess.run([sys.executable, "-m", "gateway", "check", str(d / "p.yaml")], capture_output=True,
+                         text=True, env={**os.environ, "COLUMNS": "200"}).stdout
+    assert f"{d}/lib/a.yaml:4: tests[0]" in out, out
+    assert f"{d}/lib/a.yaml:2: [alias-uncovered]" in out, out

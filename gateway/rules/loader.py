@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import datetime
 import errno as errno_mod
 import gc
@@ -613,6 +614,8 @@ def _analyse(raw: bytes, source: str, reader: Reader | None, depth: int | None) 
                                             f"not for an included file (it may have {allowed})"))
             data = {"version": 1, "default": "deny", **{k: data[k] for k in ("rules", "tests") if k in data}}
         found, unit.doc, unit.tests = _checked(data, unit.lines, unit.source, ids)
+        if not unit.main:
+            unit.tests = tuple(dataclasses.replace(t, file=unit.source) for t in unit.tests)
         problems += found
     if len(units) > 1:
         problems += _duplicates_across(units)

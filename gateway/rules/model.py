@@ -335,6 +335,7 @@ class PolicyTest:
     rule_given: bool  # `rule:` present (null means "decided by default")
     errno: int | None
     text: str  # the request as a person reads it
+    file: str = ""  # the included file the test is in; "" for the policy's own file
 
 
 @dataclass(frozen=True)
