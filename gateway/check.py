@@ -456,7 +456,8 @@ def _show_policy(out: Console, policy: Policy, findings: list[Finding] | None,
         out.print(Text.assemble(("\nlint ", "bold"), f"{warnings} warning(s), {notes} note(s)"))
         for f in findings:
             mark, style = ("warning", "yellow") if f.severity == "warning" else ("note", "cyan")
-            where = f"{policy.source}:{f.line}: " if f.line else f"{policy.source}: "
+            file = (rule.file if f.rule and (rule := policy.rule(f.rule)) else "") or policy.source
+            where = f"{file}:{f.line}: " if f.line else f"{file}: "
             out.print(Text.assemble("  ", (f"{mark:7}", style), f" {where}", (f"[{f.code}] ", "dim"),
                                     f.message))
     else:
@@ -477,7 +478,7 @@ def _show_policy(out: Console, policy: Policy, findings: list[Finding] | None,
     out.print(table)
     for r in results:
         for failure in r.failures:
-            where = f"{policy.source}:{r.test.line}: tests[{r.test.index}]"
+            where = f"{r.test.file or policy.source}:{r.test.line}: tests[{r.test.index}]"
             out.print(Text(f"  ✗ {where}: {failure}", style="red"))
 
 

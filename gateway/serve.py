@@ -331,7 +331,7 @@ def policy_reloader(policy_path: Path) -> tuple[Callable[[], Policy], int]:
         fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
         with os.fdopen(fd, "rb") as f:
             raw = loader.read_bounded(f)  # a reload reads no more than a start would
-        return load_policy_bytes(raw, source)
+        return load_policy_bytes(raw, source, loader.dir_reader(dir_fd))
 
     return reload, dir_fd
 

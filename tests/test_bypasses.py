@@ -129,28 +129,29 @@ def test_trailing_slash_on_a_symlink_decides_on_what_it_follows_to(
 
 
 def test_a_symlinked_home_is_not_given_away_with_a_trailing_slash(tmp_path: Path) -> None:
-    """policies/multi-tenant.yaml (alice 1001, bob 1002): `CHOWN /home/alice/tobob/ 1001 1001` handed
-    bob's home to alice. The link is alice's own object; what it leads to is bob's."""
+    """policies/multi-tenant.yaml (alice 1001 at /home/u1001, bob 1002 at /home/u1002): `CHOWN
+    /home/u1001/tobob/ 1001 1001` handed bob's home to alice. The link is alice's own object; what it
+    leads to is bob's."""
     require_root()
     alice_uid, bob_uid = 1001, 1002
     export = make_dir(tmp_path / "export")
     make_dir(export / "home")
     make_dir(export / "shared", 0, 0, 0o1777)
-    make_dir(export / "home" / "alice", alice_uid, alice_uid)
-    bob = make_dir(export / "home" / "bob", bob_uid, bob_uid, 0o700)
+    make_dir(export / "home" / "u1001", alice_uid, alice_uid)
+    bob = make_dir(export / "home" / "u1002", bob_uid, bob_uid, 0o700)
     make_file(bob / "plans", b"bob's plans\n", bob_uid, bob_uid, 0o600)
     before = snapshot_tree(bob)
     with gateway(export, MULTI_TENANT, tmp_path / "trail.jsonl") as gw:
-        gw.ok(p.Symlink(alice_uid, alice_uid, b"/home/bob", b"/home/alice/tobob"))
-        gw.ok(p.Symlink(alice_uid, alice_uid, b"../bob", b"/home/alice/tobob-rel"))
-        for path in (b"/home/alice/tobob/", b"/home/alice/tobob//", b"/home/alice/tobob-rel/",
-                     b"/home/alice/tobob/.", b"/home/alice/tobob/plans"):  # fmt: skip
+        gw.ok(p.Symlink(alice_uid, alice_uid, b"/home/u1002", b"/home/u1001/tobob"))
+        gw.ok(p.Symlink(alice_uid, alice_uid, b"../u1002", b"/home/u1001/tobob-rel"))
+        for path in (b"/home/u1001/tobob/", b"/home/u1001/tobob//", b"/home/u1001/tobob-rel/",
+                     b"/home/u1001/tobob/.", b"/home/u1001/tobob/plans"):  # fmt: skip
             reply, record = gw.call(p.Chown(path, alice_uid, alice_uid))
             assert reply.errno == errno.EPERM, (path, os.strerror(reply.errno) or "performed")
-            assert (record["decision"], record["rule"]) == ("deny", "bob-guard"), record
-            assert str(record["resolved"]).startswith("/home/bob"), record
+            assert (record["decision"], record["rule"]) == ("deny", "home-guard"), record
+            assert str(record["resolved"]).startswith("/home/u1002"), record
         # Without the slash the link is the object: alice may chown her own link, and only the link.
-        gw.ok(p.Chown(b"/home/alice/tobob", alice_uid, alice_uid))
+        gw.ok(p.Chown(b"/home/u1001/tobob", alice_uid, alice_uid))
     assert snapshot_tree(bob) == before
     assert os.lstat(bob).st_uid == bob_uid
 

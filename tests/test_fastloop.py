@@ -1656,3 +1656,67 @@ def test_an_idle_compiled_loop_wakes_to_write_a_due_checkpoint(
         assert_intact(trail)
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Variables in paths (issue 15): a rule with ${uid} makes the decision one of the request's uid, which the
+# table's key holds (CREATE's fixed fields); ${owner} and `owner: self` need the object, so the request is
+# handed over.
+
+VARS_POLICY = """\
+version: 1
+tenant: eq-vars
+default: allow
+vars: {top: /v}
+rules:
+  - {id: own-name, effect: deny, ops: [CREATE], paths: ["${top}/u${uid}"], errno: EPERM}
+  - {id: others, effect: deny, ops: [CREATE], paths: ["${top}/**"], except: ["${top}/u${uid}/**"],
+     errno: EROFS}
+  - {id: by-group, effect: deny, ops: [CREATE], paths: ["/g${gid}/**"], errno: ENOSPC}
+  - {id: foreign, effect: deny, ops: [lstat], paths: ["/v/**"], except: ["/v/u${owner}/**"], errno: EPERM}
+  - {id: mine, effect: deny, ops: [CREATE], paths: ["/v/u1000/**"], when: {object: {owner: self}},
+     errno: EEXIST}
+"""
+VARS_TREE = [
+    Node("dir", b"/v"),
+    Node("dir", b"/v/u1000", owner=GUEST),
+    Node("file", b"/v/u1000/f", owner=GUEST),
+    Node("file", b"/v/u1000/root"),
+    Node("dir", b"/g0"),
+]
+
+
+def test_variables_in_paths_decide_alike_compiled_and_pipeline(filesystems: dict[str, str]) -> None:
+    policy = load_policy_bytes(VARS_POLICY.encode(), "vars.yaml")
+    flags = os.O_CREAT | os.O_EXCL | os.O_RDWR
+    requests = [
+        # the same path and flags, by one uid then another and back: a key without the uid would answer
+        # the second from the first
+        p.Create(b"/v/u0", flags, 0o644, 0, 0),
+        p.Create(b"/v/u0", flags, 0o644, GUEST, GUEST),
+        p.Create(b"/v/u0", flags, 0o644, 0, 0),
+        p.Create(b"/v/u1000", flags, 0o644, GUEST, GUEST),
+        p.Create(b"/v/u1000", flags, 0o644, 0, 0),
+        p.Create(b"/g0/x", flags, 0o644, GUEST, 0),
+        p.Create(b"/g1000/x", flags, 0o644, GUEST, GUEST),  # (no /g1000: denied all the same)
+        # ${owner}: the object decides, so the pipeline does
+        p.Lstat(b"/v/u1000/f"),
+        p.Lstat(b"/v/u1000/root"),
+        p.Lstat(b"/v/u1000"),
+        # owner: self: a CREATE of an existing name is the pipeline's anyway
+        p.Create(b"/v/u1000/f", os.O_CREAT | os.O_RDWR, 0o644, GUEST, GUEST),
+    ]
+    s = session(filesystems, policy, [(frame(r, "qemu"), r.type) for r in requests], nodes=VARS_TREE)
+    assert s.ended["compiled"].served >= 4, s.ended["compiled"]  # the CREATEs of new names it may serve
+    assert s.ended["compiled"].handed >= 3, s.ended["compiled"]
+    got = [(r.get("op"), r.get("uid"), r.get("decision"), r.get("rule")) for r in s.records["pipeline"]
+           if r.get("event") == "request"]
+    assert got[:7] == [
+        ("create", 0, "deny", "own-name"), ("create", GUEST, "deny", "others"),
+        ("create", 0, "deny", "own-name"), ("create", GUEST, "deny", "own-name"),
+        ("create", 0, "deny", "others"),
+        ("create", GUEST, "deny", "by-group"), ("create", GUEST, "deny", "by-group"),
+    ], got  # (nothing allowed: the two servers share the export, and a create would change it)
+    assert [g[2:] for g in got[7:]] == [("allow", None), ("deny", "foreign"), ("allow", None),
+                                        ("deny", "mine")], got
+    assert_alike(s)

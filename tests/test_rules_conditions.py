@@ -125,6 +125,12 @@ CASES = [
     ("ops: [all], unless: {object: {owner: [0]}}", "open /a", True),
     ("ops: [all], when: {uid: [1]}, unless: {object: {type: [dir]}}", "mkdir /a uid=1 type=dir", False),
     ("ops: [all], when: {uid: [1]}, unless: {object: {type: [dir]}}", "mkdir /a uid=1", True),
+    # owner: self / group: self: the object's owner (group) is the request's uid (gid); unknown without one
+    ("ops: [all], when: {object: {owner: self}}", "create /a uid=7 owner=7", True),
+    ("ops: [all], when: {object: {owner: self}}", "create /a uid=7 owner=8", False),
+    ("ops: [all], when: {object: {owner: self}}", "open /a owner=7", False),  # open: no uid
+    ("ops: [all], when: {object: {group: self}}", "chown /a uid=1 gid=9 group=9", True),
+    ("ops: [all], when: {object: {group: self}}", "chown /a uid=1 gid=9", False),
 ]
 
 
@@ -138,7 +144,8 @@ def test_every_condition_kind_is_covered_above() -> None:
 
     text = " ".join(rule for rule, _, _ in CASES)
     for key in [*Conditions.__dataclass_fields__, *ObjectConditions.__dataclass_fields__]:
-        assert f"{key}:" in text, key
+        key = {"owner_self": "owner: self", "group_self": "group: self"}.get(key, key + ":")
+        assert key in text, key
 
 
 GROUP_MEMBERS = {

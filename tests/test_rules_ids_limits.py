@@ -346,9 +346,11 @@ def test_the_example_shows_both_sections() -> None:
     assert policy.limits.given() == ["requests_per_second", "burst", "truncate_max"]
 
 
-def test_open_fds_is_flagged_as_not_enforced() -> None:
+def test_open_fds_is_flagged_as_not_enforced(tmp_path: Path) -> None:
     text = (ROOT / "examples/policy.yaml").read_text().replace("limits:\n", "limits:\n  open_fds: 64\n", 1)
-    codes = {f.code for f in lint(load_policy_text(text, "p.yaml"))}
+    (tmp_path / "p.yaml").write_text(text)  # beside what it includes
+    (tmp_path / "never.yaml").write_text((ROOT / "examples/never.yaml").read_text())
+    codes = {f.code for f in lint(load_policy(tmp_path / "p.yaml"))}
     assert "open-fds-not-enforced" in codes
     assert "open-fds-not-enforced" not in {f.code for f in lint(load_policy(ROOT / "examples/policy.yaml"))}
 

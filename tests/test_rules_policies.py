@@ -78,7 +78,7 @@ def test_read_only_allows_exactly_the_reads() -> None:
 
 
 def test_example_tour_uses_every_feature() -> None:
-    text = (ROOT / "examples/policy.yaml").read_text()
+    text = (ROOT / "examples/policy.yaml").read_text() + (ROOT / "examples/never.yaml").read_text()
     for word in ["version:", "tenant:", "default:", "enforcement:", "audit:", "paths:", "except:", "errno:",
                  "enforce: always", "description:", "unless:", "uid:", "gid:", "mode_any:", "mode_all:",
                  "mode_none:", "type:", "flags_any:", "flags_all:", "flags_none:", "target:",
@@ -86,7 +86,8 @@ def test_example_tour_uses_every_feature() -> None:
                  "target_resolved:", "target_absolute:", "target_dotdot:", "length_min:", "length_max:",
                  "xattr:", "xattr_except:", "owner:", "group:", "tests:", "permissive", "ids:", "guest:",
                  "host:", "count:", "unmapped:", "squash_uid:", "squash_gid:", "limits:", "rate:",
-                 "requests_per_second:", "burst:", "truncate_max:", "open_fds"]:
+                 "requests_per_second:", "burst:", "truncate_max:", "open_fds", "vars:", "include:",
+                 "${uid}", "${owner}", "${scratch}", "owner: self"]:
         assert word in text, word
     policy = load_policy(ROOT / "examples/policy.yaml")
     exercised = {rule for r in run_tests(policy) for rule in r.decision.matched}

@@ -123,6 +123,26 @@ def _excepted_below(view: Any, comps: list[str]) -> bool:
     return any(p.kind == "subtree" and tuple(comps[: len(p.prefix)]) == p.prefix for p in ex.placements)
 
 
+def _template_reaches(view: Any, path: str, comps: list[str], req: Any) -> bool:
+    """A rule with ${uid}/${gid}: its patterns with the request's ids reach ``path`` or below it, and its
+    templated ``except`` does not take out all of that (as the literal ids would decide)."""
+    from gateway.rules.compiler import substitute
+    from gateway.rules.globs import GlobSet
+
+    rule = view.rule
+    if view.tpl is None:
+        return True
+    uid, gid = getattr(req, "uid", None), getattr(req, "gid", None)
+    paths = rule.paths_tpl
+    if paths is not None and not GlobSet.compile([substitute(p, uid, gid) for p in paths]).reaches(path):
+        return False
+    if rule.except_tpl is not None:
+        ex = GlobSet.compile([substitute(p, uid, gid) for p in rule.except_tpl])
+        if any(p.kind == "subtree" and tuple(comps[: len(p.prefix)]) == p.prefix for p in ex.placements):
+            return False
+    return True
+
+
 def _candidates(root: AliasNode, path: str, comps: list[str]) -> list[Any]:
     """The views whose patterns could match ``path`` or a path below it."""
     found: list[Any] = []
@@ -230,7 +250,9 @@ def reaching(root: AliasNode | None, path: str, req: Any, *, unconditional: bool
         if exact:
             if not view.rule.paths.matches(path) or (view.ex is not None and view.ex(path) is not None):
                 continue
-        elif _excepted_below(view, comps):
+            if view.tpl is not None and not view.tpl(path, req):
+                continue
+        elif _excepted_below(view, comps) or not _template_reaches(view, path, comps, req):
             continue
         best = view
     return best

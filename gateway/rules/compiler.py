@@ -87,6 +87,18 @@ def object_conds(o: ObjectConditions | None) -> list[Cond]:
     if o is None:
         return []
     out = []
+    # `owner: self`, `group: self`: tested on model.SelfBound (the object with the request's ids beside it,
+    # bound by the view); where the request has no ids the rule never gets here (request_conds).
+    if o.owner_self:
+        out.append(Cond("object.owner", "object owner is the request's uid",
+                        lambda a: a.owner is not None and a.owner == getattr(a, "self_uid", None),
+                        lambda a: f"{a.owner if a.owner is not None else 'unknown'} (uid "
+                                  f"{getattr(a, 'self_uid', None)})"))
+    if o.group_self:
+        out.append(Cond("object.group", "object group is the request's gid",
+                        lambda a: a.group is not None and a.group == getattr(a, "self_gid", None),
+                        lambda a: f"{a.group if a.group is not None else 'unknown'} (gid "
+                                  f"{getattr(a, 'self_gid', None)})"))
     if o.owner is not None:
         f = _in_ranges(o.owner)
         out.append(Cond("object.owner", f"object owner in {ranges_text(o.owner)}", lambda a: f(a.owner),
@@ -186,6 +198,8 @@ def request_conds(c: Conditions, slot: int) -> list[Cond] | None:
     for key in c.given():
         if key != "object" and slot not in model.FIELD_SLOTS[key]:
             return None
+    if c.object is not None and c.object.selfref and slot not in model.ID_SLOTS:
+        return None  # `owner: self` where the request says no uid: unknown, so it does not hold
     for attr in ("uid", "gid"):
         ranges = getattr(c, attr)
         if ranges is not None:
@@ -254,12 +268,36 @@ def all_of(conds: list[Cond]) -> Test | None:
 class View:
     """A rule as compiled for one slot. ``pre``/``res`` exist only for rules that read the object."""
 
-    __slots__ = ("always", "chk", "deny", "enforce", "ex", "id", "obj", "pre", "prio", "res", "rule", "solo",
-                 "unless", "unless_obj", "when", "when_obj")
+    __slots__ = (
+        "always",
+        "chk",
+        "deny",
+        "enforce",
+        "ex",
+        "id",
+        "obj",
+        "otpl",
+        "pre",
+        "prio",
+        "res",
+        "rule",
+        "selfref",
+        "solo",
+        "tpl",
+        "unless",
+        "unless_obj",
+        "when",
+        "when_obj",
+    )
 
     def __init__(self, rule: Rule, prio: int, when: list[Cond], unless: list[Cond] | None,
-                 when_obj: list[Cond], unless_obj: list[Cond], enforce: bool) -> None:
+                 when_obj: list[Cond], unless_obj: list[Cond], enforce: bool,
+                 tpl: Callable[..., bool] | None = None, otpl: Callable[..., bool] | None = None) -> None:
         self.rule = rule
+        # ${uid}/${gid} in paths: (path, request) -> whether the patterns with the request's ids hold;
+        # ${owner}/${group}: (path, request, object), tested once the object is known (the engine's _settle)
+        self.tpl = tpl
+        self.otpl = otpl
         self.id = rule.id
         self.deny = rule.deny
         self.always = rule.always
@@ -274,7 +312,8 @@ class View:
         self.enforce = enforce
         w = all_of(when)
         u = all_of(unless) if unless is not None else None
-        self.obj = bool(when_obj or (unless is not None and unless_obj))
+        self.obj = bool(when_obj or (unless is not None and unless_obj) or otpl is not None)
+        self.selfref = False
         if not self.obj:
             # chk: None (always holds) or one call covering `when` and `not unless`
             if unless is None:
@@ -289,6 +328,7 @@ class View:
         wo = all_of(when_obj)
         uo = all_of(unless_obj)
         has_unless = unless is not None
+        certain = otpl is None  # with ${owner} in paths nothing holds whatever the object
 
         def pre(r: Any) -> int:
             """0: cannot match; 1: matches whatever the object; 2: depends on the object."""
@@ -297,7 +337,7 @@ class View:
             unless_open = has_unless and (u is None or u(r))
             if unless_open and uo is None:
                 return 0
-            if wo is None and not unless_open:
+            if wo is None and not unless_open and certain:
                 return 1
             return 2
 
@@ -305,6 +345,13 @@ class View:
             if wo is not None and not wo(o):
                 return False
             return not (has_unless and (u is None or u(r)) and (uo is None or uo(o)))
+
+        self.selfref = _selfref(rule)
+        if self.selfref:
+            plain = res
+
+            def res(r: Any, o: ObjectAttrs) -> bool:
+                return plain(r, model.bind_self(o, r))
 
         self.pre, self.res = pre, res
 
@@ -314,6 +361,54 @@ class View:
         if d is None:
             d = self.solo = rule_decision(self.rule, self.enforce)
         return d
+
+
+def _selfref(rule: Rule) -> bool:
+    return any(c is not None and c.object is not None and c.object.selfref for c in (rule.when, rule.unless))
+
+
+def substitute(pattern: str, uid: int | None, gid: int | None, owner: int | None = None,
+               group: int | None = None) -> str:
+    """A pattern with ${uid}, ${gid}, ${owner} and ${group} replaced by their values (globs.py has no
+    `$`-syntax: the digits are literal; an unknown value is "None", which no id component matches)."""
+    for name, value in (("uid", uid), ("gid", gid), ("owner", owner), ("group", group)):
+        pattern = pattern.replace("${" + name + "}", str(value))
+    return pattern
+
+
+def template_vars(rule: Rule) -> tuple[bool, bool]:
+    """Whether the rule's patterns use the request's ids (${uid}, ${gid}), the object's (${owner},
+    ${group})."""
+    text = " ".join((*(rule.paths_tpl or ()), *(rule.except_tpl or ())))
+    return ("${uid}" in text or "${gid}" in text), ("${owner}" in text or "${group}" in text)
+
+
+def template_test(rule: Rule, with_except: bool = True) -> Callable[..., bool]:
+    """(path, request[, object]) -> True when the path matches the rule's ``paths`` and none of its
+    templated ``except`` patterns, the variables being the request's ids and the object's. Each set of
+    values compiles once."""
+    from gateway.rules.globs import GlobSet
+
+    paths_tpl, except_tpl = rule.paths_tpl, rule.except_tpl if with_except else None
+    cache: dict[tuple[Any, ...], tuple[Any, Any]] = {}
+
+    def test(path: str, r: Any, o: Any = None) -> bool:
+        key = (getattr(r, "uid", None), getattr(r, "gid", None), getattr(o, "owner", None),
+               getattr(o, "group", None))
+        hit = cache.get(key)
+        if hit is None:
+            if len(cache) >= 1024:
+                cache.clear()
+            hit = cache[key] = tuple(  # type: ignore[assignment]
+                GlobSet.compile([substitute(p, *key) for p in pats]).fullmatch if pats else None
+                for pats in (paths_tpl, except_tpl)
+            )
+        m, ex = hit
+        if m is not None and m(path) is None:
+            return False
+        return ex is None or ex(path) is None
+
+    return test
 
 
 Record = tuple[tuple[tuple["View", Any], ...], tuple[tuple["View", Any], ...]]
@@ -470,11 +565,15 @@ def _slot_key(rule: Rule, slot: int) -> tuple[Any, ...] | None:
     with equal keys get one shared view. None: nothing (a rule without conditions)."""
     w = rule.when.given()
     u = rule.unless.given() if rule.unless is not None else ()
-    if not w and not u:
+    if not w and not u and not _templated(rule):
         return None
-    return (slot == _CHMOD, _FIXED_TYPE.get(slot), slot == _LSETXATTR,
+    return (slot == _CHMOD, _FIXED_TYPE.get(slot), slot == _LSETXATTR, slot in model.ID_SLOTS,
             tuple(slot in model.FIELD_SLOTS[k] for k in w if k != "object"),
             tuple(slot in model.FIELD_SLOTS[k] for k in u if k != "object"))
+
+
+def _templated(rule: Rule) -> bool:
+    return rule.paths_tpl is not None or rule.except_tpl is not None
 
 
 def _view(rule: Rule, slot: int, prio: int, when_obj: list[Cond], unless_obj: list[Cond],
@@ -483,12 +582,23 @@ def _view(rule: Rule, slot: int, prio: int, when_obj: list[Cond], unless_obj: li
     when = request_conds(rule.when, slot)
     if when is None:
         return None  # a `when` condition reads a field this request type does not have
+    tpl = otpl = None
+    if _templated(rule):
+        ids, objects = template_vars(rule)
+        if ids and slot not in model.ID_SLOTS:
+            if rule.paths_tpl is not None:
+                return None  # ${uid} in paths where the request has no uid: no path matches
+            # else: only `except` has them, and an exception on something unknown does not apply
+        elif objects:
+            otpl = template_test(rule)
+        else:
+            tpl = template_test(rule)
     unless = request_conds(rule.unless, slot) if rule.unless is not None else None
     unless_obj_here = unless_obj + object_type_cond(rule.unless, slot)
     if rule.unless is not None and unless is not None and not unless and not unless_obj_here:
         return None  # `unless` holds whatever the request: the rule can never apply here
     return View(rule, prio, when, unless, when_obj + object_type_cond(rule.when, slot),
-                unless_obj_here if unless is not None else [], enforce)
+                unless_obj_here if unless is not None else [], enforce, tpl, otpl)
 
 
 def compile_rules(rules: tuple[Rule, ...], default: str, enforcement: str) -> Compiled:
@@ -510,7 +620,7 @@ def compile_rules(rules: tuple[Rule, ...], default: str, enforcement: str) -> Co
             for prefix, kind, match in rule.paths.index_entries()
         ]
         prio = ranks[rule.id]
-        if not rule.when.given() and rule.unless is None:
+        if not rule.when.given() and rule.unless is None and not _templated(rule):
             # No condition reads the request: one view, the same at every slot (the common case).
             view = View(rule, prio, [], None, when_obj, [], enforce)
             item = (view, spots, tuple((view, m) for _k, _exact, m in spots))

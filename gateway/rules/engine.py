@@ -88,6 +88,9 @@ def _scan(root: Index, path: str, req: Any, hits: list[View], pend: list[View]) 
             ex = v.ex
             if ex is not None and ex(path) is not None:
                 continue
+            tpl = v.tpl
+            if tpl is not None and not tpl(path, req):
+                continue
             if v.obj:
                 state = v.pre(req)
                 if state == 1:
@@ -164,8 +167,10 @@ def decide(request: Any, policy: Policy, lookup: Lookup | None = None, *, explai
             # every rule that matched).
             obj = _objectify(lookup(path)) if lookup is not None else UNKNOWN
             if pend or pend2:
-                decision = _final(c, [("path", hits + [v for v in pend if v.res(request, obj)]),
-                                      ("path2", hits2 + [v for v in pend2 if v.res(request, obj)])])
+                decision = _final(c, [
+                    ("path", hits + [v for v in pend if _holds(v, request, obj, path)]),
+                    ("path2", hits2 + [v for v in pend2 if _holds(v, request, obj, path2)]),
+                ])
             if obj.type is not None:  # known now: the alias may reach less far than an unknown one
                 denial = _alias_worse(c, request, decision, path, path2, obj.type)
         return _with_alias(decision, denial)
@@ -206,6 +211,14 @@ def _with_alias(decision: Decision, denial: Decision | None) -> Decision:
     return denial._replace(matched=matched)
 
 
+def _holds(v: View, req: Any, obj: ObjectAttrs, path: str) -> bool:
+    """A pending rule, the object known: its object conditions, and ${owner}/${group} in its paths."""
+    if not v.res(req, obj):
+        return False
+    otpl = v.otpl
+    return otpl is None or bool(otpl(path, req, obj))
+
+
 def _settle(c: Compiled, req: Any, path: str, paths: list[tuple[str, list[View], list[View]]],
             lookup: Lookup | None) -> tuple[Decision, ObjectAttrs | None]:
     """Resolve object-dependent rules if they could change the outcome, then decide."""
@@ -218,7 +231,9 @@ def _settle(c: Compiled, req: Any, path: str, paths: list[tuple[str, list[View],
         hi = max(_outcome(c, hits + [v for v in pend if v.deny])[0] for _, hits, pend in paths)
         if lo != hi:
             obj = _objectify(lookup(path)) if lookup is not None else UNKNOWN
-            paths = [(role, hits + [v for v in pend if v.res(req, obj)], []) for role, hits, pend in paths]
+            where = {"path": path, "path2": model_path(req.path2) if len(paths) > 1 else path}
+            paths = [(role, hits + [v for v in pend if _holds(v, req, obj, where[role])], [])
+                     for role, hits, pend in paths]
     return _final(c, [(role, hits) for role, hits, _ in paths]), obj
 
 
@@ -297,18 +312,28 @@ def _trace(c: Compiled, rule: model.Rule, slot: int, path: str, req: Any,
         if rule.when.type is not None:
             return "no-match", f"{op} never creates a {', '.join(_type_words(rule.when.type))}"
         return "no-match", f"conditions never hold for {op}"
+    using = _using(rule, req)
     if rule.paths is not None and not rule.paths.matches(path):
-        return "no-match", f"{path} matches none of paths [{', '.join(rule.paths.patterns)}]"
+        return "no-match", f"{path} matches none of paths [{', '.join(_patterns(rule))}]{using}"
     if rule.except_ is not None and rule.except_.matches(path):
-        return "no-match", f"{path} is excepted by '{rule.except_.which(path)}'"
+        return "no-match", f"{path} is excepted by '{rule.except_.which(path)}'{using}"
+    if view.otpl is not None and obj is not None and not view.otpl(path, req, obj):
+        return "no-match", (f"{path} matches none of paths [{', '.join(_patterns(rule))}] or is excepted"
+                            f"{_using(rule, req, obj)}")
+    if view.tpl is not None and not view.tpl(path, req):
+        if rule.paths_tpl is not None and not _tpl_paths_match(rule, path, req):
+            return "no-match", f"{path} matches none of paths [{', '.join(_patterns(rule))}]{using}"
+        return "no-match", f"{path} is excepted by one of [{', '.join(rule.except_tpl or ())}]{using}"
+    if view.selfref and obj is not None:
+        obj = model.bind_self(obj, req)
     for cond in view.when:
         if not cond.test(req):
             return "no-match", f"needs {cond.text}; {cond.key} is {cond.actual(req)}"
     unless_cheap = view.unless is not None and all(cond.test(req) for cond in view.unless)
     if unless_cheap and not view.unless_obj:
         return "no-match", f"unless holds: {'; '.join(cond.text for cond in view.unless)}"  # type: ignore[union-attr]
-    if not view.obj or (not view.when_obj and not unless_cheap):
-        return "matched", f"all conditions hold ({_summary(view)})"
+    if not view.obj or (not view.when_obj and not unless_cheap and view.otpl is None):
+        return "matched", f"all conditions hold ({_summary(view, req)})"
     if obj is None:
         return "not-evaluated", "needs the object's attributes; not looked up (could not change the outcome)"
     for cond in view.when_obj:
@@ -317,7 +342,33 @@ def _trace(c: Compiled, rule: model.Rule, slot: int, path: str, req: Any,
     if unless_cheap and all(cond.test(obj) for cond in view.unless_obj):
         conds = [*view.unless, *view.unless_obj]  # type: ignore[misc]
         return "no-match", f"unless holds: {'; '.join(cond.text for cond in conds)}"
-    return "matched", f"all conditions hold ({_summary(view)})"
+    return "matched", f"all conditions hold ({_summary(view, req, obj)})"
+
+
+def _patterns(rule: model.Rule) -> tuple[str, ...]:
+    return rule.paths_tpl if rule.paths_tpl is not None else rule.paths.patterns  # type: ignore[union-attr]
+
+
+def _tpl_paths_match(rule: model.Rule, path: str, req: Any) -> bool:
+    from gateway.rules.compiler import substitute
+    from gateway.rules.globs import GlobSet
+
+    uid, gid = getattr(req, "uid", None), getattr(req, "gid", None)
+    return GlobSet.compile([substitute(p, uid, gid) for p in rule.paths_tpl or ()]).matches(path)
+
+
+def _using(rule: model.Rule, req: Any, obj: Any = None) -> str:
+    """The variables a rule's patterns use, with their values: " (${uid}=1001; ${homes}=/home/*)"."""
+    parts = []
+    if rule.paths_tpl is not None or rule.except_tpl is not None:
+        text = " ".join((*(rule.paths_tpl or ()), *(rule.except_tpl or ())))
+        for name in model.PATH_VARS:
+            if "${" + name + "}" in text:
+                value = getattr(obj if name in model.OBJECT_VARS else req, name, None)
+                parts.append(f"${{{name}}}={value if value is not None else 'unknown'}")
+    if rule.vars_text:
+        parts.append(rule.vars_text)
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def _type_words(types: frozenset[int]) -> list[str]:
@@ -326,8 +377,9 @@ def _type_words(types: frozenset[int]) -> list[str]:
     return sorted(names.FILE_TYPE_NAMES.get(t, str(t)) for t in types)
 
 
-def _summary(view: View) -> str:
+def _summary(view: View, req: Any = None, obj: Any = None) -> str:
     parts = [cond.text for cond in (*view.when, *view.when_obj)]
     if view.rule.paths is not None:
-        parts.insert(0, f"path matches {', '.join(view.rule.paths.patterns)}")
-    return "; ".join(parts) if parts else "no conditions"
+        parts.insert(0, f"path matches {', '.join(_patterns(view.rule))}")
+    text = "; ".join(parts) if parts else "no conditions"
+    return text + _using(view.rule, req, obj)

@@ -302,7 +302,7 @@ def _alias_findings(policy: Policy) -> list[Finding]:
     for rule in policy.rules:
         if not rule.deny or rule.paths is None or not rule.slots & _WRITE_SLOTS:
             continue
-        if rule.when.given() or rule.unless is not None:
+        if rule.when.given() or rule.unless is not None or rule.except_tpl is not None or rule.paths_tpl:
             # A conditional deny (on uid, mode, flags, the object) is about how things are written, and
             # the aliasing requests carry none of those fields: only a plain "not here" is at stake.
             continue

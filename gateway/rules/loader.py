@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import datetime
+import errno as errno_mod
 import gc
 import hashlib
 import math
 import os
+import posixpath
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -315,6 +318,23 @@ def read_bounded(f: Any) -> bytes:
     return b"".join(chunks)
 
 
+Reader = Callable[[str], bytes]  # a file name relative to the policy's directory -> its bytes
+
+
+def dir_reader(dir_fd: int) -> Reader:
+    """Included files read through the policy's directory fd (a reload after chroot has nothing else),
+    never above it: openat2 RESOLVE_BENEATH refuses '..' and symlinks that leave it."""
+    from gateway import syscalls
+
+    def read(name: str) -> bytes:
+        fd = syscalls.openat2(dir_fd, name.encode("utf-8", "surrogateescape"), os.O_RDONLY, 0,
+                              syscalls.RESOLVE_BENEATH | syscalls.RESOLVE_NO_MAGICLINKS)
+        with os.fdopen(fd, "rb") as f:
+            return read_bounded(f)
+
+    return read
+
+
 def load_policy(path: str | os.PathLike[str]) -> Policy:
     source = os.fspath(path)
     try:
@@ -322,17 +342,28 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
             raw = read_bounded(f)
     except OSError as err:
         raise PolicyError([Problem(source, 0, "", f"cannot read the policy: {err.strerror}")]) from None
-    return _load(raw, source, Path(source).resolve().parent)
+    base = Path(source).resolve().parent
+    if b"include" not in raw:  # no includes can be read: no directory fd to open
+        return _load(raw, source, base, None)
+    try:
+        dir_fd = os.open(base, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as err:
+        why = f"cannot open the policy's directory: {err.strerror}"
+        raise PolicyError([Problem(source, 0, "", why)]) from None
+    try:
+        return _load(raw, source, base, dir_reader(dir_fd))
+    finally:
+        os.close(dir_fd)
 
 
 def load_policy_text(text: str, source: str = "<policy>") -> Policy:
-    return _load(text.encode("utf-8"), source, None)
+    return _load(text.encode("utf-8"), source, None, None)
 
 
-def load_policy_bytes(raw: bytes, source: str = "<policy>") -> Policy:
-    """A policy file's bytes as read (a reload through the policy's directory fd): not UTF-8 is a problem
-    with its line, like any other."""
-    return _load(raw, source, None)
+def load_policy_bytes(raw: bytes, source: str = "<policy>", reader: Reader | None = None) -> Policy:
+    """A policy file's bytes as read (a reload through the policy's directory fd, which ``reader`` reads
+    its includes through): not UTF-8 is a problem with its line, like any other."""
+    return _load(raw, source, None, reader)
 
 
 @contextlib.contextmanager
@@ -356,43 +387,295 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _load(raw: bytes, source: str, base: Path | None) -> Policy:
+def _load(raw: bytes, source: str, base: Path | None, reader: Reader | None) -> Policy:
     with _gc_paused():
         with globs.compile_cache():
-            fields = _read(raw, source, base)
+            fields = _read(raw, source, base, reader)
         # The load's caches (programs and placements by pattern) and the text are gone before the index
         # is built: its peak is the resident size a serving gateway keeps.
         return Policy(**fields, compiled=compile_rules(fields["rules"], fields["default"],
                                                        fields["enforcement"]))
 
 
-def _read(raw: bytes, source: str, base: Path | None) -> dict[str, Any]:
-    """The policy's fields, all but its compiled index; PolicyError listing every problem."""
+class _Unit:
+    """One file of the policy: the policy's own or one it includes (directly or not)."""
+
+    __slots__ = ("data", "doc", "lines", "main", "name", "raw", "source", "tests")
+
+    def __init__(self, source: str, name: str, raw: bytes, data: Any, lines: Lines, main: bool) -> None:
+        self.source, self.name, self.raw, self.main = source, name, raw, main
+        self.data, self.lines = data, lines
+        self.doc: Any = None
+        self.tests: tuple[PolicyTest, ...] = ()
+
+
+MAX_INCLUDES = 256  # files in one policy, all included files counted once
+INCLUDED_KEYS = ("include", "vars", "rules", "tests")
+_VAR = re.compile(r"\$\{([^}]*)\}")
+_VAR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def _decode(raw: bytes, source: str) -> str:
     if len(raw) > MAX_POLICY_BYTES:
         raise PolicyError([Problem(source, 0, "", _too_large(len(raw)))])
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as err:
         line = raw[: err.start].count(b"\n") + 1
         raise PolicyError([Problem(source, line, "", "not UTF-8 text")]) from None
+
+
+def _gather(raw: bytes, source: str, reader: Reader | None, depth: int | None,
+            problems: list[Problem]) -> list[_Unit]:
+    """The policy's file and every file it includes, included ones first (each once), parsed."""
+    units: list[_Unit] = []
+    main_name = os.path.basename(source)
+    _visit(raw, source, main_name, (main_name,), reader, depth, problems, units, {main_name},
+           os.path.dirname(source))
+    return units
+
+
+def _visit(raw: bytes, source: str, name: str, chain: tuple[str, ...], reader: Reader | None,
+           depth: int | None, problems: list[Problem], units: list[_Unit], seen: set[str],
+           where: str) -> None:
+    # A function of its own, not a closure calling itself: that would be a cycle holding every file's
+    # parse, and the load freezes what the collector has not freed (_gc_paused).
+    try:
+        data, lines = read_yaml(_decode(raw, source), source, depth)
+    except PolicyError as err:
+        problems.extend(err.problems)
+        return
+    inc = data.pop("include", None) if isinstance(data, dict) else None
+    if inc is not None:
+        items = [inc] if isinstance(inc, str) else inc
+        if not isinstance(items, list):
+            problems.append(Problem(source, schema.line_of(("include",), lines), "include",
+                                    "must be a list of file names, relative to this file"))
+            items = []
+        for j, item in enumerate(items):
+            line, field = schema.line_of(("include", j), lines), f"include[{j}]"
+            if not isinstance(item, str) or not item or "\0" in item:
+                problems.append(Problem(source, line, field, "must be a file name"))
+                continue
+            target = posixpath.normpath(posixpath.join(posixpath.dirname(name), item))
+            if item.startswith("/") or target == ".." or target.startswith("../"):
+                problems.append(Problem(source, line, field, f"'{item}' is not beneath the policy's "
+                                        "directory: an include names a file relative to the including "
+                                        "one, inside the policy's directory (all a reload can read)"))
+                continue
+            if target in chain:
+                cycle = " -> ".join((*chain, target))
+                problems.append(Problem(source, line, field, f"include cycle: {cycle}"))
+                continue
+            if target in seen:
+                continue  # included already (a diamond): its rules once
+            seen.add(target)
+            if len(seen) > MAX_INCLUDES:
+                problems.append(Problem(source, line, field, f"more than {MAX_INCLUDES} files included"))
+                return
+            shown = os.path.join(where, target)
+            if reader is None:
+                problems.append(Problem(source, line, field, f"cannot read '{item}': a policy given as "
+                                        "text has no directory to include from"))
+                continue
+            try:
+                raw2 = reader(target)
+            except OSError as err:
+                why = ("it is not beneath the policy's directory" if err.errno == errno_mod.EXDEV
+                       else err.strerror)
+                problems.append(Problem(source, line, field, f"cannot read '{item}' ({shown}): {why}"))
+                continue
+            _visit(raw2, shown, target, (*chain, target), reader, depth, problems, units, seen, where)
+    if not chain[1:] or isinstance(data, dict):
+        units.append(_Unit(source, name, raw, data, lines, not chain[1:]))
+
+
+def _variables(units: list[_Unit], problems: list[Problem]) -> tuple[dict[str, str], dict[str, str]]:
+    """The named variables of every file (one namespace), and where each is defined."""
+    values: dict[str, str] = {}
+    defined: dict[str, str] = {}
+    for unit in units:
+        d = unit.data.pop("vars", None) if isinstance(unit.data, dict) else None
+        if d is None:
+            continue
+        if not isinstance(d, dict):
+            problems.append(Problem(unit.source, schema.line_of(("vars",), unit.lines), "vars",
+                                    "must be a mapping of names to path text: {homes: /home/*}"))
+            continue
+        for name, value in d.items():
+            line = schema.line_of(("vars", name), unit.lines)
+            field = f"vars.{name}"
+            if not isinstance(name, str) or not _VAR_NAME.match(name):
+                problems.append(Problem(unit.source, line, field, "names are letters, digits and _"))
+            elif name in model.PATH_VARS:
+                problems.append(Problem(unit.source, line, field, f"${{{name}}} is the request's (or its "
+                                        "object's): it cannot be defined"))
+            elif not isinstance(value, str) or "${" in value:
+                problems.append(Problem(unit.source, line, field, "must be path text without variables"))
+            elif name in values and values[name] != value:
+                problems.append(Problem(unit.source, line, field, f"defined again with another value (also "
+                                        f"{defined[name]}: {values[name]!r})"))
+            else:
+                values[name] = value
+                defined[name] = f"{unit.source}:{line}"
+    return values, defined
+
+
+def _substitute(unit: _Unit, values: dict[str, str], problems: list[Problem]) -> dict[int, dict[str, Any]]:
+    """The rules' `paths` and `except` with the named variables replaced (in place); for each rule that
+    uses ${uid}/${gid}, its templates (the schema sees them as `*`) and the variables it used."""
+    out: dict[int, dict[str, Any]] = {}
+    rules = unit.data.get("rules") if isinstance(unit.data, dict) else None
+    if not isinstance(rules, list):
+        return out
+    for i, rule in enumerate(rules):
+        if not isinstance(rule, dict):
+            continue
+        info: dict[str, Any] = {}
+        used: dict[str, str] = {}
+        for key in ("paths", "except"):
+            pats = rule.get(key)
+            if type(pats) is str:
+                pats = [pats]
+            if type(pats) is not list or not any(type(p) is str and "${" in p for p in pats):
+                continue
+            plain, tpl = [], []
+            for j, pat in enumerate(pats):
+                if type(pat) is not str or "${" not in pat:
+                    plain.append(pat)
+                    if key == "paths":
+                        tpl.append(pat)
+                    continue
+
+                def one(m: re.Match[str], j: int = j, i: int = i, key: str = key,
+                        used: dict[str, str] = used) -> str:
+                    name = m.group(1)
+                    if name in model.PATH_VARS:
+                        return m.group(0)
+                    if name in values:
+                        used[name] = values[name]
+                        return values[name]
+                    known = ", ".join(sorted(values) + list(model.PATH_VARS))
+                    problems.append(Problem(unit.source, schema.line_of(("rules", i, key, j), unit.lines),
+                                            f"rules[{i}].{key}[{j}]", f"unknown variable ${{{name}}} "
+                                            f"(known: {known}){schema.did_you_mean(name, sorted(values))}"))
+                    return "x"
+
+                text = _VAR.sub(one, pat)
+                if any("${" + v + "}" in text for v in model.PATH_VARS):
+                    tpl.append(text)
+                    if key == "paths":
+                        plain.append(_VAR.sub("*", text))  # the superset the index places
+                else:
+                    plain.append(text)
+                    if key == "paths":
+                        tpl.append(text)
+            templated = any("${" in t for t in tpl if type(t) is str)
+            if key == "paths":
+                rule[key] = plain
+                if templated:
+                    info["paths"] = tuple(tpl)
+            else:
+                if templated:
+                    info["except"] = tuple(t for t in tpl if type(t) is str)
+                if plain:
+                    rule[key] = plain
+                else:
+                    del rule[key]
+        if used:
+            info["vars"] = "; ".join(f"${{{k}}}={v}" for k, v in used.items())
+        if info:
+            out[i] = info
+    return out
+
+
+_Analysis = tuple[list[Problem], list[_Unit], dict[str, str], list[dict[int, Any]]]
+
+
+def _analyse(raw: bytes, source: str, reader: Reader | None, depth: int | None) -> _Analysis:
+    problems: list[Problem] = []
+    units = _gather(raw, source, reader, depth, problems)
+    if not units or not units[-1].main:
+        return problems or [Problem(source, 1, "", "not a policy")], units, {}, []
+    values, _defined = _variables(units, problems)
+    templates = [_substitute(u, values, problems) for u in units]
+    ids = {r.get("id") for u in units if isinstance(u.data, dict) and isinstance(u.data.get("rules"), list)
+           for r in u.data["rules"] if isinstance(r, dict)}
+    for unit in units:
+        data = unit.data
+        if not unit.main:
+            if not isinstance(data, dict):
+                problems.append(Problem(unit.source, 1, "", "an included file is a mapping: rules, tests..."))
+                continue
+            for key in data:
+                if key not in INCLUDED_KEYS:
+                    allowed = ", ".join(INCLUDED_KEYS)
+                    problems.append(Problem(unit.source, schema.line_of((key,), unit.lines), str(key),
+                                            f"not for an included file (it may have {allowed})"))
+            data = {"version": 1, "default": "deny", **{k: data[k] for k in ("rules", "tests") if k in data}}
+        found, unit.doc, unit.tests = _checked(data, unit.lines, unit.source, ids)
+        if not unit.main:
+            unit.tests = tuple(dataclasses.replace(t, file=unit.source) for t in unit.tests)
+        problems += found
+    if len(units) > 1:
+        problems += _duplicates_across(units)
+    return problems, units, values, templates
+
+
+def _duplicates_across(units: list[_Unit]) -> list[Problem]:
+    """Rule ids are one namespace across the files (each file's own duplicates are _semantic's)."""
+    problems = []
+    first: dict[Any, tuple[_Unit, int]] = {}
+    for unit in units:
+        rules = unit.data.get("rules") if isinstance(unit.data, dict) else None
+        for i, rule in enumerate(rules if isinstance(rules, list) else []):
+            rid = rule.get("id") if isinstance(rule, dict) else None
+            if not isinstance(rid, str):
+                continue
+            if rid in first and first[rid][0] is not unit:
+                other, j = first[rid]
+                problems.append(Problem(unit.source, schema.line_of(("rules", i, "id"), unit.lines),
+                                        f"rules[{i}].id", f"duplicate rule id '{rid}' (also "
+                                        f"{other.source}:{schema.line_of(('rules', j), other.lines)})"))
+            first.setdefault(rid, (unit, i))
+    return problems
+
+
+def _read(raw: bytes, source: str, base: Path | None, reader: Reader | None) -> dict[str, Any]:
+    """The policy's fields, all but its compiled index; PolicyError listing every problem."""
+    _decode(raw, source)
     # A valid policy needs the lines of its rules and tests, and of its top-level keys: two steps deep.
     # Every key's and item's line (80,000 at 10,000 rules, a tenth of the parse's memory) is needed
     # only to word a problem, so when there is one, the text is read again, keeping them all.
-    data, lines = read_yaml(text, source, depth=2)
-    problems, doc, tests = _checked(data, lines, source)
+    problems, units, values, templates = _analyse(raw, source, reader, 2)
     if problems:
-        data, lines = read_yaml(text, source)
-        problems, doc, tests = _checked(data, lines, source)
+        problems = _analyse(raw, source, reader, None)[0]
         raise PolicyError(problems)
-    del data, text
-    rules = tuple(_build_rule(i, r, lines) for i, r in enumerate(doc.get("rules") or []))
+    main = units[-1]
+    doc = main.doc
+    rules_list: list[Rule] = []
+    for unit, tpls in zip(units, templates, strict=True):
+        file = "" if unit.main else unit.source
+        for i, r in enumerate(unit.doc.get("rules") or []):
+            rules_list.append(_build_rule(len(rules_list), r, unit.lines, i, file, tpls.get(i)))
+    rules = tuple(rules_list)
+    tests = tuple(t for u in units for t in u.tests)
+    if len(units) == 1:
+        digest = hashlib.sha256(raw).hexdigest()
+    else:  # every file, by name, in include order: an edit anywhere is another policy
+        h = hashlib.sha256()
+        for unit in units:
+            h.update(b"%d:%s\0%s\0" % (unit.main, unit.name.encode("utf-8", "surrogateescape"),
+                                         hashlib.sha256(unit.raw).hexdigest().encode()))
+        digest = h.hexdigest()
     audit_path = (doc.get("audit") or {}).get("path")
     if audit_path is not None and base is not None and not os.path.isabs(audit_path):
         audit_path = str(base / audit_path)  # relative to the policy file, not to wherever we run
     enforcement = doc.get("enforcement", "enforce")
+    lines = main.lines
     fields = {
         "source": source,
-        "hash": hashlib.sha256(raw).hexdigest(),
+        "hash": digest,
         "version": doc["version"],
         "tenant": doc.get("tenant", "default"),
         "default": doc["default"],
@@ -402,17 +685,20 @@ def _read(raw: bytes, source: str, base: Path | None) -> dict[str, Any]:
         "audit_path": audit_path,
         "ids": _build_ids(doc.get("ids"), lines),
         "limits": _build_limits(doc.get("limits")),
+        "vars": values,
+        "includes": tuple(u.name for u in units if not u.main),
     }
     return fields  # the document and its lines go here: some 10 MB at 10,000 rules
 
 
-def _checked(data: Any, lines: Lines, source: str) -> tuple[list[Problem], Any, tuple[PolicyTest, ...]]:
+def _checked(data: Any, lines: Lines, source: str,
+             ids: set[Any] | None = None) -> tuple[list[Problem], Any, tuple[PolicyTest, ...]]:
     """Every problem of the document (schema, semantic, tests), the normalised document and the tests."""
     problems, doc = schema.validate(data, lines, source)
     if not isinstance(doc, dict):
         return problems or [Problem(source, 1, "", "not a policy")], doc, ()
     problems += _semantic(doc, lines, source)
-    tests, test_problems = _build_tests(doc, lines, source)
+    tests, test_problems = _build_tests(doc, lines, source, ids)
     return problems + test_problems, doc, tests
 
 
@@ -567,8 +853,10 @@ def _conditions(d: dict[str, Any] | None) -> Conditions:
         xattr=_globs(d.get("xattr")),
         xattr_except=_globs(d.get("xattr_except")),
         object=None if obj is None else ObjectConditions(
-            owner=_ids(obj.get("owner")),
-            group=_ids(obj.get("group")),
+            owner=None if obj.get("owner") == ["self"] else _ids(obj.get("owner")),
+            group=None if obj.get("group") == ["self"] else _ids(obj.get("group")),
+            owner_self=obj.get("owner") == ["self"],
+            group_self=obj.get("group") == ["self"],
             type=_types(obj.get("type")),
             mode_any=_bits(obj.get("mode_any")),
             mode_all=_bits(obj.get("mode_all")),
@@ -589,7 +877,8 @@ def _shared(value: Any) -> Any:
     return _SHARED.setdefault(value, value)
 
 
-def _build_rule(index: int, d: dict[str, Any], lines: Lines) -> Rule:
+def _build_rule(index: int, d: dict[str, Any], lines: Lines, local: int | None = None, file: str = "",
+                tpl: dict[str, Any] | None = None) -> Rule:
     slots: frozenset[int] = frozenset()
     for op in d["ops"]:
         slots |= model.op_slots(op) or frozenset()
@@ -608,17 +897,22 @@ def _build_rule(index: int, d: dict[str, Any], lines: Lines) -> Rule:
         description=d.get("description", ""),
         when=_conditions(d.get("when")),
         unless=_conditions(d["unless"]) if d.get("unless") is not None else None,
-        line=schema.line_of(("rules", index), lines),
+        line=schema.line_of(("rules", index if local is None else local), lines),
         index=index,
+        paths_tpl=tpl.get("paths") if tpl else None,
+        except_tpl=tpl.get("except") if tpl else None,
+        file=file,
+        vars_text=tpl.get("vars", "") if tpl else "",
     )
 
 
 def _build_tests(
-    doc: dict[str, Any], lines: Lines, source: str
+    doc: dict[str, Any], lines: Lines, source: str, ids: set[Any] | None = None
 ) -> tuple[tuple[PolicyTest, ...], list[Problem]]:
     tests = []
     problems = []
-    ids = {r.get("id") for r in doc.get("rules") or [] if isinstance(r, dict)}
+    if ids is None:
+        ids = {r.get("id") for r in doc.get("rules") or [] if isinstance(r, dict)}
     entries = doc.get("tests") if isinstance(doc.get("tests"), list) else []
     for i, entry in enumerate(entries):  # type: ignore[arg-type]
         if not isinstance(entry, dict) or "request" not in entry or entry.get("expect") is None:

@@ -99,6 +99,16 @@ FIELD_SLOTS: dict[str, frozenset[int]] = {
     "xattr_except": _s(RT.LGETXATTR, RT.LSETXATTR, RT.LREMOVEXATTR),
     "object": frozenset(SLOTS),
 }
+# The slots whose requests carry a uid and a gid: where ${uid}, ${gid}, `owner: self` and `group: self`
+# have a value (the owner a create gives the new object; CHOWN's new owner). Elsewhere they are unknown.
+ID_SLOTS = FIELD_SLOTS["uid"]
+assert FIELD_SLOTS["gid"] == ID_SLOTS
+REQUEST_VARS = ("uid", "gid")
+# ${owner} and ${group} in paths: the object's owner and group as the guest sees them (after `ids:`), so
+# "/home/u${owner}/**" is "in the home of whoever owns the object"; they need the object looked up.
+OBJECT_VARS = ("owner", "group")
+PATH_VARS = REQUEST_VARS + OBJECT_VARS
+
 TWO_PATH = frozenset({RT.RENAME, RT.LINK})
 
 # --------------------------------------------------------------------------------------------------------
@@ -209,6 +219,12 @@ class ObjectConditions:
     mode_any: int | None = None
     mode_all: int | None = None
     mode_none: int | None = None
+    owner_self: bool = False  # `owner: self`: the object's owner is the request's uid
+    group_self: bool = False  # `group: self`: the object's group is the request's gid
+
+    @property
+    def selfref(self) -> bool:
+        return self.owner_self or self.group_self
 
 
 @dataclass(frozen=True)
@@ -260,6 +276,13 @@ class Rule:
     unless: Conditions | None
     line: int = 0
     index: int = 0  # position in the file: for messages only, never for deciding
+    # ${uid}/${gid} in paths: every pattern of ``paths`` as written (``paths`` itself then holds each with
+    # the variables as ``*``, its superset, for the index); the patterns of ``except`` that use them (left
+    # out of ``except_``). None: no request variable there.
+    paths_tpl: tuple[str, ...] | None = None
+    except_tpl: tuple[str, ...] | None = None
+    file: str = ""  # the included file the rule is in; "" for the policy's own file
+    vars_text: str = ""  # the named variables its patterns used, for explanations: "${homes}=/home/*"
 
     @property
     def deny(self) -> bool:
@@ -286,6 +309,19 @@ class ObjectAttrs:
 
 
 @dataclass(frozen=True)
+class SelfBound(ObjectAttrs):
+    """The object's attributes with the request's ids beside them, for `owner: self` / `group: self`."""
+
+    self_uid: int | None = None
+    self_gid: int | None = None
+
+
+def bind_self(obj: ObjectAttrs, request: Any) -> SelfBound:
+    return SelfBound(obj.owner, obj.group, obj.type, obj.mode, getattr(request, "uid", None),
+                     getattr(request, "gid", None))
+
+
+@dataclass(frozen=True)
 class PolicyTest:
     """One entry of the policy's ``tests:`` section."""
 
@@ -299,6 +335,7 @@ class PolicyTest:
     rule_given: bool  # `rule:` present (null means "decided by default")
     errno: int | None
     text: str  # the request as a person reads it
+    file: str = ""  # the included file the test is in; "" for the policy's own file
 
 
 @dataclass(frozen=True)
@@ -403,6 +440,8 @@ class Policy:
     compiled: Compiled = field(repr=False)
     ids: IdMap | None = None  # None: no mapping, guest ids are host ids. The rules always see guest ids.
     limits: Limits = field(default_factory=Limits)  # always present; each limit None when not set
+    vars: dict[str, str] = field(default_factory=dict)  # the named path variables (`vars:`), as defined
+    includes: tuple[str, ...] = ()  # every file included, directly or not, as named from the policy's dir
 
     def rule(self, rule_id: str) -> Rule | None:
         for r in self.rules:

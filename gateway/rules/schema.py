@@ -32,12 +32,15 @@ PATH_GLOBS = _list_of({"type": "string", "empty": False, "check_with": "glob"})
 NAME_GLOBS = _list_of({"type": "string", "empty": False, "check_with": "glob"})
 LENGTH = {"type": "integer", "min": 0}
 
+# `owner: self` / `group: self`: the request's uid / gid (alone: self with other ids would be an either-or
+# the rule can say with two rules).
+OBJECT_IDS = _list_of({"type": ["integer", "string"], "check_with": "object_id"})
 OBJECT = {
     "type": "dict",
     "empty": False,
     "schema": {
-        "owner": IDS,
-        "group": IDS,
+        "owner": OBJECT_IDS,
+        "group": OBJECT_IDS,
         "type": FILE_TYPES,
         "mode_any": MODE_BITS,
         "mode_all": MODE_BITS,
@@ -206,6 +209,14 @@ class PolicyValidator(Validator):  # type: ignore[misc]
             model.parse_id_range(value)
         except ValueError as err:
             self._error(field, str(err))
+
+    def _check_with_object_id(self, field: str, value: Any) -> None:
+        if value == "self":
+            return  # the loader checks that it stands alone
+        try:
+            model.parse_id_range(value)
+        except ValueError as err:
+            self._error(field, f"{err}, or self (the request's own uid or gid)")
 
     def _check_with_mode_bit(self, field: str, value: Any) -> None:
         try:
