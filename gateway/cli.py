@@ -24,7 +24,7 @@ COMMANDS = {
     "audit": "review audit trails: filters, tables, summaries, follow, verify the hash chain",
     "inspect": "show a running gateway's confinement, read from /proc",
     "demo": "a scripted guest session against a real gateway, then its summary",
-    "virtiofsd": "serve a virtio-fs guest (vhost-user-fs; read-only, no policy yet)",
+    "virtiofsd": "serve a virtio-fs guest under the policy (a vhost-user-fs backend, virtiofsd's options)",
 }
 # Subcommands with an add_arguments(parser) / run(args) module, imported only when they run.
 MODULES = {
@@ -119,3 +119,9 @@ def proxy_helper_main() -> int:
     from gateway import serve
 
     return serve.run(sys.argv[1:], prog="gateway-proxy-helper")
+
+
+def virtiofsd_main() -> int:
+    """`gateway-virtiofsd`: the virtiofsd command as one executable, for libvirt's vhost-user description
+    (contrib/vhost-user/50-gateway-virtiofsd.json), which names a binary, not a command line."""
+    return main(["virtiofsd", *sys.argv[1:]])

@@ -58,6 +58,9 @@ fi
 install -d "$stage/usr/bin"
 ln -s "$venv/bin/gateway" "$stage/usr/bin/gateway"
 ln -s "$venv/bin/gateway-proxy-helper" "$stage/usr/bin/gateway-proxy-helper"
+ln -s "$venv/bin/gateway-virtiofsd" "$stage/usr/bin/gateway-virtiofsd"
+install -D -m 0644 "$repo/contrib/vhost-user/50-gateway-virtiofsd.json" \
+    "$stage/usr/share/qemu/vhost-user/50-gateway-virtiofsd.json"
 install -D -m 0644 "$repo/contrib/systemd/gateway@.service" "$stage/lib/systemd/system/gateway@.service"
 install -D -m 0644 "$repo/contrib/systemd/gateway@.socket" "$stage/lib/systemd/system/gateway@.socket"
 install -D -m 0755 "$repo/contrib/systemd/gateway-env-generator" \

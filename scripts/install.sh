@@ -33,7 +33,7 @@ say() { echo "install: $*"; }
 unitdir=/etc/systemd/system generatordir=/usr/local/lib/systemd/system-generators
 
 if [ "$uninstall" = 1 ]; then
-    rm -f "$bindir/gateway" "$bindir/gateway-proxy-helper" \
+    rm -f "$bindir/gateway" "$bindir/gateway-proxy-helper" "$bindir/gateway-virtiofsd" \
         "$datadir/man/man1/gateway.1" "$datadir/man/man1/gateway-serve.1" \
         "$datadir/man/man1/gateway-proxy-helper.1" "$datadir/bash-completion/completions/gateway" \
         "$datadir/zsh/site-functions/_gateway"
@@ -71,6 +71,7 @@ say "installing $from into $prefix (pinned by constraints.txt)"
 mkdir -p "$bindir"
 ln -sfn "$prefix/bin/gateway" "$bindir/gateway"
 ln -sfn "$prefix/bin/gateway-proxy-helper" "$bindir/gateway-proxy-helper"
+ln -sfn "$prefix/bin/gateway-virtiofsd" "$bindir/gateway-virtiofsd"
 
 docs=$(mktemp -d)
 trap 'rm -rf "$docs"' EXIT

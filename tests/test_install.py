@@ -5,6 +5,7 @@ Everything pip installs is pinned by constraints.txt."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -113,7 +114,9 @@ def test_deb_installs_into_a_clean_root_and_runs_the_demo(wheel: Path, tmp_path:
                  "./usr/share/man/man1/gateway.1.gz", "./usr/share/man/man1/gateway-serve.1.gz",
                  "./usr/share/bash-completion/completions/gateway",
                  "./usr/share/zsh/vendor-completions/_gateway",
-                 "./opt/gateway/bin/gateway", "./usr/bin/gateway -> /opt/gateway/bin/gateway"):  # fmt: skip
+                 "./opt/gateway/bin/gateway", "./usr/bin/gateway -> /opt/gateway/bin/gateway",
+                 "./usr/bin/gateway-virtiofsd -> /opt/gateway/bin/gateway-virtiofsd",
+                 "./usr/share/qemu/vhost-user/50-gateway-virtiofsd.json"):  # fmt: skip
         assert path in files, path
 
     root = tmp_path / "root"
@@ -128,6 +131,14 @@ def test_deb_installs_into_a_clean_root_and_runs_the_demo(wheel: Path, tmp_path:
     python = [str(venv / "bin" / "python"), "-m", "gateway"]
     out = subprocess.run([*python, "--version"], capture_output=True, text=True, env=CLEAN, cwd=tmp_path)
     assert out.returncode == 0 and out.stdout.startswith("gateway ")
+    # libvirt's probe of the vhost-user binary the packaged description names answers as virtiofsd's does
+    described = json.loads((root / "usr/share/qemu/vhost-user/50-gateway-virtiofsd.json").read_text())
+    assert described["type"] == "fs" and described["binary"] == "/usr/bin/gateway-virtiofsd"
+    # (run through the venv's python: the script's #! names /opt/gateway, which this root is not)
+    caps = subprocess.run([str(venv / "bin" / "python"), str(venv / "bin" / "gateway-virtiofsd"),
+                           "--print-capabilities"],
+                          capture_output=True, text=True, env=CLEAN, cwd=tmp_path)  # fmt: skip
+    assert caps.returncode == 0 and json.loads(caps.stdout)["type"] == "fs", caps.stdout + caps.stderr
     ran = demo(python, tmp_path)
     assert ran.returncode == 0, ran.stdout + ran.stderr
     assert "16 of 16 steps went as expected" in ran.stdout and "trail intact" in ran.stdout
