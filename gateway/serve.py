@@ -309,6 +309,30 @@ def open_trail(opts: argparse.Namespace, policy: Policy, tenant: str) -> AuditWr
         raise AuditError(exc.errno, f"{exc.strerror}: {hint}") from None
 
 
+def open_policy_and_trail(
+    opts: argparse.Namespace, prog: str
+) -> tuple[Path, Policy, str, AuditWriter] | None:
+    """The policy (its path), the tenant and the trail, for serve and virtiofsd alike; None once the
+    refusal is on stderr. An invalid policy is never served, naming every problem (file:line: field),
+    and nothing is served without its trail. The trail's notes (e.g. --audit-syslog without /dev/log)
+    are said on stderr too, not only in a record."""
+    try:
+        policy_path = policy_location(opts)
+        policy = load_policy(policy_path)
+    except (OSError, PolicyError) as exc:
+        print(f"{prog}: refusing to serve: {exc}", file=sys.stderr)
+        return None
+    tenant = opts.tenant or policy.tenant
+    try:
+        trail = open_trail(opts, policy, tenant)
+    except (OSError, ValueError) as exc:
+        print(f"{prog}: refusing to serve without an audit trail: {exc}", file=sys.stderr)
+        return None
+    for note in trail.notes:
+        print(f"{prog}: warning: {note}", file=sys.stderr)
+    return policy_path, policy, tenant, trail
+
+
 def release_startup_memory() -> None:
     """Start-up garbage (the YAML parse tree, argparse's parser) back to the kernel before serving: a
     host runs one gateway per guest, so each one's resident size counts twenty times over."""
@@ -361,19 +385,10 @@ def run(argv: list[str], prog: str = "gateway serve") -> int:
             print(USAGE.format(prog=prog), end="", file=sys.stderr)
         return exc.status
     close_inherited_fds(keep={opts.fd, *activated})
-    try:
-        policy_path = policy_location(opts)
-        policy = load_policy(policy_path)
-    except (OSError, PolicyError) as exc:
-        # An invalid policy is never served: refuse to start, naming every problem (file:line: field).
-        print(f"{prog}: refusing to serve: {exc}", file=sys.stderr)
+    opened = open_policy_and_trail(opts, prog)
+    if opened is None:
         return 1
-    tenant = opts.tenant or policy.tenant
-    try:
-        trail = open_trail(opts, policy, tenant)
-    except (OSError, ValueError) as exc:
-        print(f"{prog}: refusing to serve without an audit trail: {exc}", file=sys.stderr)
-        return 1
+    policy_path, policy, tenant, trail = opened
 
     # Everything that can fail for a reason the operator must hear about fails here, on stderr, before
     # the process detaches: the socket, the service manager's socket, syslog.
@@ -389,8 +404,6 @@ def run(argv: list[str], prog: str = "gateway serve") -> int:
         return 1
     if not setup_logging(foreground=opts.nodaemon):
         print(f"{prog}: warning: /dev/log is not there: the daemon's log lines are lost", file=sys.stderr)
-    for note in trail.notes:  # e.g. --audit-syslog without /dev/log: said here, not only in a record
-        print(f"{prog}: warning: {note}", file=sys.stderr)
 
     # Everything the server will need is opened now, before the chroot and the filter.
     export = os.path.abspath(opts.path)

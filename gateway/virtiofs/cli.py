@@ -104,8 +104,7 @@ def run(args: argparse.Namespace) -> int:
     if (args.socket_path is None) == (args.fd is None):
         print("gateway virtiofsd: one of --socket-path PATH or --fd FD is required", file=sys.stderr)
         return 1
-    from gateway.rules import PolicyError, load_policy
-    from gateway.serve import open_trail, policy_location
+    from gateway.serve import open_policy_and_trail
     from gateway.virtiofs import daemon
 
     # serve's helpers, on serve's option names: the trail's channel is the socket path (or, with --fd,
@@ -115,20 +114,10 @@ def run(args: argparse.Namespace) -> int:
         audit_sync=args.audit_sync, audit_syslog=args.audit_syslog, audit_seal_key=args.audit_seal_key,
         console=False, socket=args.socket_path, path=shared,
     )  # fmt: skip
-    try:
-        policy_path = policy_location(opts)
-        policy = load_policy(policy_path)
-    except (OSError, PolicyError) as exc:
-        print(f"gateway virtiofsd: refusing to serve: {exc}", file=sys.stderr)
+    opened = open_policy_and_trail(opts, "gateway virtiofsd")
+    if opened is None:
         return 1
-    tenant = args.tenant or policy.tenant
-    try:
-        trail = open_trail(opts, policy, tenant)
-    except (OSError, ValueError) as exc:
-        print(f"gateway virtiofsd: refusing to serve without an audit trail: {exc}", file=sys.stderr)
-        return 1
-    for note in trail.notes:
-        print(f"gateway virtiofsd: warning: {note}", file=sys.stderr)
+    policy_path, policy, _tenant, trail = opened
     try:
         sock = daemon.listen(args.socket_path) if args.socket_path else socket.socket(fileno=args.fd)
     except OSError as exc:
