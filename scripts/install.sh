@@ -44,17 +44,9 @@ fi
 
 # Debian packages: the venv module, and what builds the compiled data plane and python-prctl
 if [ "$apt" = 1 ]; then
-    pkgs=(python3-venv gcc python3-dev libssl-dev libcap-dev libseccomp2)
-    missing=()
-    for p in "${pkgs[@]}"; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-    done
-    if [ "${#missing[@]}" -gt 0 ]; then
-        say "apt-get install ${missing[*]}"
-        export DEBIAN_FRONTEND=noninteractive
-        apt-get update -qq
-        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-    fi
+    # shellcheck source=scripts/apt-ensure.sh
+    . "$repo/scripts/apt-ensure.sh"
+    apt_ensure python3-venv gcc python3-dev libssl-dev libcap-dev libseccomp2
 fi
 
 python=${PYTHON:-/usr/bin/python3}

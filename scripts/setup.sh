@@ -21,16 +21,9 @@ if [ "$full" = 1 ]; then
     # snippet rotates a live trail): tests/test_units.py, test_cli_docs.py; dpkg-deb is in dpkg
     pkgs+=(qemu-system-common qemu-system-x86 busybox-static libc6-dev attr systemd strace man-db zsh logrotate)
 fi
-missing=()
-for p in "${pkgs[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-    say "apt-get install ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+# shellcheck source=scripts/apt-ensure.sh
+. "$repo/scripts/apt-ensure.sh"
+apt_ensure "${pkgs[@]}"
 
 # The virtualenv, with the project installed editable and the test tools, every version pinned by
 # constraints.txt (PIP_CONSTRAINT, so that pip's isolated build of the data plane obeys it too).
