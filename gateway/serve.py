@@ -478,8 +478,9 @@ def run(argv: list[str], prog: str = "gateway serve") -> int:
         if not opts.persist:
             endpoint.close_listener()
         sessions += 1
-        trail.lifecycle("session", session=sessions, peer=peer_credentials(client))
-        notifier.notify(STATUS=f"{label}: serving client {sessions} ({_peer_text(client)})")
+        peer = peer_credentials(client)
+        trail.lifecycle("session", session=sessions, peer=peer)
+        notifier.notify(STATUS=f"{label}: serving client {sessions} ({_peer_text(peer)})")
         stats = server.serve_client(client)
         client.close()
         server.flush_limit_hits()
@@ -501,6 +502,5 @@ def run(argv: list[str], prog: str = "gateway serve") -> int:
     return 0
 
 
-def _peer_text(client: socket.socket) -> str:
-    peer = peer_credentials(client)
+def _peer_text(peer: dict[str, int] | None) -> str:
     return "peer unknown" if peer is None else f"pid {peer['pid']}, uid {peer['uid']}"
